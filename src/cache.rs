@@ -1,0 +1,625 @@
+//! The role cache: user id → (role, version), kept fresh by the listener.
+//!
+//! # The one write rule
+//!
+//! Every write — a notification applied by the listener or a row loaded after a miss — goes
+//! through [`RoleCache::write`], a compare-and-set under moka's per-key `and_compute_with` lock.
+//! A write wins only if its `(epoch, version, tombstone)` is greater than the stored one:
+//!
+//! * a lower version never replaces a higher one, so a slow load cannot undo a notification;
+//! * a deletion is stored as a tombstone carrying the deleted row's version and orders after the
+//!   live row of that version, so a slow load of the old row cannot resurrect it;
+//! * a value from an older epoch never replaces one from a newer epoch.
+//!
+//! # Epochs
+//!
+//! A resync (reconnect, truncate, bulk change, overflow, malformed payload) bumps the epoch and
+//! flushes. moka's `invalidate_all` is lazy and lets later inserts through, so the epoch is also
+//! stored in every slot and checked on every read: a load that began before a flush writes a slot
+//! of the old epoch, which is never served.
+//!
+//! # Bypass
+//!
+//! Until the listener marks the cache synced (LISTEN in place, triggers verified), lookups read
+//! the database and write nothing.
+
+use std::future::{ready, Future};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::ops::compute::{CompResult, Op};
+use tokio::sync::broadcast;
+
+use crate::listener::payload::{RowChange, RowOp};
+use crate::role::{Role, RoleState, RoleVersion, UserId};
+
+/// A cache generation; bumped by every resync.
+pub type Epoch = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    state: RoleState,
+    epoch: Epoch,
+}
+
+impl Slot {
+    /// The order of the write rule: epoch, then version, then a tombstone after a live row.
+    fn order(&self) -> (Epoch, RoleVersion, bool) {
+        (self.epoch, self.state.version, self.state.role.is_none())
+    }
+}
+
+/// Why the cache was flushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncReason {
+    /// The listener (re)connected: changes made while it was away were not delivered.
+    Reconnect,
+    /// `TRUNCATE users`.
+    Truncate,
+    /// One statement changed more rows than the bulk threshold.
+    Bulk,
+    /// The queue between socket and cache overflowed; notifications were dropped.
+    Overflow,
+    /// A payload on `role_changes` could not be understood.
+    Malformed,
+    /// The triggers came back after being missing or disabled.
+    Triggers,
+    /// A subscriber fell behind the broadcast channel (reported to that subscriber only).
+    Lagged,
+}
+
+impl ResyncReason {
+    pub const ALL: [ResyncReason; 7] = [
+        ResyncReason::Reconnect,
+        ResyncReason::Truncate,
+        ResyncReason::Bulk,
+        ResyncReason::Overflow,
+        ResyncReason::Malformed,
+        ResyncReason::Triggers,
+        ResyncReason::Lagged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Reconnect => "reconnect",
+            ResyncReason::Truncate => "truncate",
+            ResyncReason::Bulk => "bulk",
+            ResyncReason::Overflow => "overflow",
+            ResyncReason::Malformed => "malformed",
+            ResyncReason::Triggers => "triggers",
+            ResyncReason::Lagged => "lagged",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What subscribers of [`RoleCache::subscribe`] receive.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CacheEvent {
+    /// LISTEN is in place and the cache is synced: cached roles are served.
+    Connected,
+    /// A row change was applied to the cache.
+    Changed {
+        user_id: UserId,
+        op: RowOp,
+        role: Option<Role>,
+        version: RoleVersion,
+        /// Time from the trigger firing to the change being applied.
+        lag: Duration,
+    },
+    /// Every cached role was dropped; subscribers holding derived state must rebuild it.
+    Resync { reason: ResyncReason },
+    /// The listener lost its connection; lookups read the database until it is back.
+    Disconnected { error: String },
+}
+
+/// Taken before a load queries the database; decides whether its result may be cached.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadTicket {
+    epoch: Epoch,
+    changes_seen: u64,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Applied,
+    /// The cache already held this or a newer state.
+    Stale,
+    /// The write belongs to an epoch that has been flushed since.
+    OldEpoch,
+    /// A load found its key absent after changes were applied during the load: the key may
+    /// have been evicted after a newer notification, so the loaded row is not trusted.
+    Dropped,
+}
+
+/// Where a lookup's answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    /// A miss: loaded from the database (and cached when the write rule allowed).
+    Load,
+    /// Not synced: read from the database, nothing cached.
+    Bypass,
+}
+
+/// A lookup's answer: the row's state (`role: None` when there is no such user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub state: RoleState,
+    pub source: Source,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    loads: AtomicU64,
+    bypass_reads: AtomicU64,
+    events_applied: AtomicU64,
+    stale_rejected: AtomicU64,
+    resyncs: [AtomicU64; ResyncReason::ALL.len()],
+    last_lag_us: AtomicI64,
+}
+
+/// A point-in-time copy of the cache's statistics.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub loads: u64,
+    pub bypass_reads: u64,
+    pub events_applied: u64,
+    pub stale_rejected: u64,
+    pub resyncs: Vec<(ResyncReason, u64)>,
+    pub synced: bool,
+    pub epoch: Epoch,
+    /// Lag of the last applied change, if any change was applied yet.
+    pub last_lag: Option<Duration>,
+}
+
+impl CacheStats {
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    pub fn resyncs_total(&self) -> u64 {
+        self.resyncs.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Capacity of the broadcast channel; a subscriber further behind is told to resync.
+const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+/// The role cache. Cheap to clone; all clones share one cache.
+#[derive(Clone)]
+pub struct RoleCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    entries: moka::future::Cache<UserId, Slot>,
+    epoch: AtomicU64,
+    synced: AtomicBool,
+    /// Row changes applied from notifications, ever; see [`WriteOutcome::Dropped`].
+    changes_seen: AtomicU64,
+    counters: Counters,
+    events: broadcast::Sender<CacheEvent>,
+}
+
+impl RoleCache {
+    /// A cache holding at most `max_entries` users. It starts unsynced (bypass) until the
+    /// listener calls [`RoleCache::mark_synced`].
+    pub fn new(max_entries: u64) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        RoleCache {
+            inner: Arc::new(Inner {
+                entries: moka::future::Cache::builder()
+                    .max_capacity(max_entries)
+                    .build(),
+                epoch: AtomicU64::new(0),
+                synced: AtomicBool::new(false),
+                changes_seen: AtomicU64::new(0),
+                counters: Counters::default(),
+                events,
+            }),
+        }
+    }
+
+    /// Whether cached roles are served (the listener is connected and the triggers verified).
+    pub fn is_synced(&self) -> bool {
+        self.inner.synced.load(Ordering::Acquire)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// The cached state of `user_id`, if it is cached, current and the cache is synced.
+    /// Counts a hit or a miss.
+    pub async fn get(&self, user_id: UserId) -> Option<RoleState> {
+        let found = self.peek(user_id).await;
+        let counter = if found.is_some() {
+            &self.inner.counters.hits
+        } else {
+            &self.inner.counters.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Like [`RoleCache::get`] without touching the statistics.
+    pub async fn peek(&self, user_id: UserId) -> Option<RoleState> {
+        if !self.is_synced() {
+            return None;
+        }
+        let epoch = self.epoch();
+        let slot = self.inner.entries.get(&user_id).await?;
+        (slot.epoch == epoch).then_some(slot.state)
+    }
+
+    /// The role of `user_id`: from the cache, or from `load` on a miss (and then cached, if the
+    /// write rule allows), or from `load` alone while the cache is not synced.
+    ///
+    /// `load` returns the row's state, or `None` when there is no such row (cached as a
+    /// tombstone of version 0, which any insert replaces).
+    pub async fn lookup<F, Fut, E>(&self, user_id: UserId, load: F) -> Result<Lookup, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<RoleState>, E>>,
+    {
+        if let Some(state) = self.get(user_id).await {
+            return Ok(Lookup {
+                state,
+                source: Source::Cache,
+            });
+        }
+        let synced_at_start = self.is_synced();
+        let ticket = self.begin_load();
+        let state = load().await?.unwrap_or(RoleState::deleted(0));
+        if !synced_at_start {
+            self.inner
+                .counters
+                .bypass_reads
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Lookup {
+                state,
+                source: Source::Bypass,
+            });
+        }
+        self.inner.counters.loads.fetch_add(1, Ordering::Relaxed);
+        self.store_load(user_id, state, ticket).await;
+        Ok(Lookup {
+            state,
+            source: Source::Load,
+        })
+    }
+
+    /// Call before querying the database for a row that will be passed to
+    /// [`RoleCache::store_load`].
+    pub fn begin_load(&self) -> LoadTicket {
+        LoadTicket {
+            // Read `changes_seen` before the epoch: a resync in between only makes the ticket
+            // older, never newer.
+            changes_seen: self.inner.changes_seen.load(Ordering::Acquire),
+            epoch: self.epoch(),
+        }
+    }
+
+    /// Caches a row loaded from the database under the write rule.
+    pub async fn store_load(
+        &self,
+        user_id: UserId,
+        state: RoleState,
+        ticket: LoadTicket,
+    ) -> WriteOutcome {
+        let slot = Slot {
+            state,
+            epoch: ticket.epoch,
+        };
+        self.write(user_id, slot, Some(ticket.changes_seen)).await
+    }
+
+    /// Applies one row change received in `epoch` (the epoch current when its notification was
+    /// read off the socket). Publishes [`CacheEvent::Changed`] when applied.
+    pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+        self.inner.changes_seen.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot {
+            state: change.state,
+            epoch,
+        };
+        let outcome = self.write(change.user_id, slot, None).await;
+        if outcome == WriteOutcome::Applied {
+            let counters = &self.inner.counters;
+            counters.events_applied.fetch_add(1, Ordering::Relaxed);
+            counters.last_lag_us.store(
+                lag.as_micros().min(i64::MAX as u128) as i64,
+                Ordering::Relaxed,
+            );
+            self.publish(CacheEvent::Changed {
+                user_id: change.user_id,
+                op: change.op,
+                role: change.state.role,
+                version: change.state.version,
+                lag,
+            });
+        }
+        outcome
+    }
+
+    /// The single write path (invariant 1): a compare-and-set under moka's per-key lock.
+    /// `load_changes_seen` is `Some` for loads (see [`WriteOutcome::Dropped`]).
+    async fn write(
+        &self,
+        user_id: UserId,
+        new: Slot,
+        load_changes_seen: Option<u64>,
+    ) -> WriteOutcome {
+        if new.epoch != self.epoch() {
+            return WriteOutcome::OldEpoch;
+        }
+        let inner = &self.inner;
+        let result = inner
+            .entries
+            .entry(user_id)
+            .and_compute_with(|existing| {
+                let existing = existing.map(|e| e.into_value());
+                let op = match existing {
+                    Some(old) if old.epoch == new.epoch && old.order() >= new.order() => Op::Nop,
+                    Some(old) if old.epoch > new.epoch => Op::Nop,
+                    // Absent (or from a flushed epoch): a load may only fill it if no change
+                    // was applied while it ran, since the key may have been evicted after one.
+                    _ if load_changes_seen
+                        .is_some_and(|seen| seen != inner.changes_seen.load(Ordering::Acquire)) =>
+                    {
+                        Op::Nop
+                    }
+                    _ => Op::Put(new),
+                };
+                ready(op)
+            })
+            .await;
+        match result {
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => WriteOutcome::Applied,
+            CompResult::Unchanged(entry) => {
+                let old = entry.into_value();
+                if old.epoch > new.epoch {
+                    WriteOutcome::OldEpoch
+                } else if old.epoch == new.epoch {
+                    inner
+                        .counters
+                        .stale_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    WriteOutcome::Stale
+                } else {
+                    WriteOutcome::Dropped
+                }
+            }
+            CompResult::StillNone(_) => WriteOutcome::Dropped,
+            // Not produced: the closure never returns Op::Remove.
+            CompResult::Removed(_) => WriteOutcome::Applied,
+        }
+    }
+
+    /// Flushes every cached role and starts a new epoch. Returns the new epoch.
+    pub fn resync(&self, reason: ResyncReason) -> Epoch {
+        let epoch = self.inner.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.entries.invalidate_all();
+        self.inner.counters.resyncs[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.publish(CacheEvent::Resync { reason });
+        epoch
+    }
+
+    /// Starts serving cached roles (called by the listener once LISTEN is in place, the
+    /// triggers are verified and the cache was flushed).
+    pub fn mark_synced(&self) {
+        self.inner.synced.store(true, Ordering::Release);
+        self.publish(CacheEvent::Connected);
+    }
+
+    /// Stops serving cached roles: lookups read the database until the next
+    /// [`RoleCache::mark_synced`]. Bumps the epoch so that no load running now is cached.
+    pub fn mark_unsynced(&self, error: impl Into<String>) {
+        let was_synced = self.inner.synced.swap(false, Ordering::AcqRel);
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        if was_synced {
+            self.publish(CacheEvent::Disconnected {
+                error: error.into(),
+            });
+        }
+    }
+
+    /// Receives every event from now on. A receiver that falls more than the channel capacity
+    /// behind gets `RecvError::Lagged` and must treat it as a resync; it never slows the
+    /// listener.
+    pub fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Publishes an event to all subscribers (none is fine).
+    pub fn publish(&self, event: CacheEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        let lag = c.last_lag_us.load(Ordering::Relaxed);
+        let applied = c.events_applied.load(Ordering::Relaxed);
+        CacheStats {
+            entries: self.inner.entries.entry_count(),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            loads: c.loads.load(Ordering::Relaxed),
+            bypass_reads: c.bypass_reads.load(Ordering::Relaxed),
+            events_applied: applied,
+            stale_rejected: c.stale_rejected.load(Ordering::Relaxed),
+            resyncs: ResyncReason::ALL
+                .iter()
+                .map(|r| (*r, c.resyncs[r.index()].load(Ordering::Relaxed)))
+                .collect(),
+            synced: self.is_synced(),
+            epoch: self.epoch(),
+            last_lag: (applied > 0).then(|| Duration::from_micros(lag.max(0) as u64)),
+        }
+    }
+
+    /// Runs moka's pending maintenance so that `entries` in [`RoleCache::stats`] is exact.
+    pub async fn run_pending_tasks(&self) {
+        self.inner.entries.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(user_id: UserId, role: Option<Role>, version: RoleVersion) -> RowChange {
+        RowChange {
+            op: if role.is_some() {
+                RowOp::Update
+            } else {
+                RowOp::Delete
+            },
+            user_id,
+            state: RoleState { role, version },
+        }
+    }
+
+    fn synced_cache() -> RoleCache {
+        let cache = RoleCache::new(1000);
+        cache.resync(ResyncReason::Reconnect);
+        cache.mark_synced();
+        cache
+    }
+
+    #[tokio::test]
+    async fn lower_version_never_replaces_higher() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        let lag = Duration::ZERO;
+        assert_eq!(
+            cache.apply(&change(1, Some(Role::Admin), 5), e, lag).await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(
+            cache.apply(&change(1, Some(Role::User), 4), e, lag).await,
+            WriteOutcome::Stale
+        );
+        assert_eq!(cache.get(1).await, Some(RoleState::present(Role::Admin, 5)));
+        assert_eq!(cache.stats().stale_rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn tombstone_beats_live_row_of_same_version() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        cache.apply(&change(1, None, 5), e, Duration::ZERO).await;
+        let ticket = cache.begin_load();
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .await,
+            WriteOutcome::Stale
+        );
+        assert_eq!(cache.get(1).await, Some(RoleState::deleted(5)));
+    }
+
+    #[tokio::test]
+    async fn load_that_spans_a_resync_is_never_served() {
+        let cache = synced_cache();
+        let ticket = cache.begin_load();
+        cache.resync(ResyncReason::Truncate);
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .await,
+            WriteOutcome::OldEpoch
+        );
+        assert_eq!(cache.get(1).await, None);
+    }
+
+    #[tokio::test]
+    async fn absent_key_is_not_filled_by_a_load_that_saw_changes() {
+        let cache = synced_cache();
+        let ticket = cache.begin_load();
+        // A change for another key arrives while the load runs.
+        cache
+            .apply(
+                &change(2, Some(Role::User), 9),
+                cache.epoch(),
+                Duration::ZERO,
+            )
+            .await;
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .await,
+            WriteOutcome::Dropped
+        );
+        let ticket = cache.begin_load();
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .await,
+            WriteOutcome::Applied
+        );
+    }
+
+    #[tokio::test]
+    async fn unsynced_cache_serves_nothing_and_caches_nothing() {
+        let cache = RoleCache::new(10);
+        let found = cache
+            .lookup(1, || async {
+                Ok::<_, ()>(Some(RoleState::present(Role::User, 1)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.source, Source::Bypass);
+        cache.mark_synced();
+        let again = cache
+            .lookup(1, || async {
+                Ok::<_, ()>(Some(RoleState::present(Role::User, 1)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(again.source, Source::Load);
+        let third = cache
+            .lookup(1, || async { Err::<Option<RoleState>, _>("must not load") })
+            .await
+            .unwrap();
+        assert_eq!(third.source, Source::Cache);
+    }
+
+    #[tokio::test]
+    async fn missing_user_is_cached_as_version_zero_tombstone_until_inserted() {
+        let cache = synced_cache();
+        let first = cache
+            .lookup(7, || async { Ok::<_, ()>(None) })
+            .await
+            .unwrap();
+        assert_eq!(first.state, RoleState::deleted(0));
+        cache
+            .apply(
+                &RowChange {
+                    op: RowOp::Insert,
+                    user_id: 7,
+                    state: RoleState::present(Role::User, 1),
+                },
+                cache.epoch(),
+                Duration::ZERO,
+            )
+            .await;
+        assert_eq!(cache.get(7).await, Some(RoleState::present(Role::User, 1)));
+    }
+}

@@ -1,0 +1,105 @@
+//! One running rolecache instance: migrations applied, the pool, the cache and its listener.
+//! `watch` and the bot are built on it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_postgres::NoTls;
+
+use crate::cache::{Lookup, RoleCache};
+use crate::config::CacheOptions;
+use crate::db::{self, RepoError, Repository};
+use crate::listener::{Listener, ListenerConfig, ListenerHandle};
+use crate::role::UserId;
+
+/// What an instance is built from.
+#[derive(Clone, Debug)]
+pub struct InstanceOptions {
+    pub cache_capacity: u64,
+    pub pool_size: usize,
+    pub listener: ListenerConfig,
+}
+
+impl Default for InstanceOptions {
+    fn default() -> Self {
+        InstanceOptions {
+            cache_capacity: 1_000_000,
+            pool_size: 16,
+            listener: ListenerConfig::default(),
+        }
+    }
+}
+
+impl From<&CacheOptions> for InstanceOptions {
+    fn from(o: &CacheOptions) -> Self {
+        InstanceOptions {
+            cache_capacity: o.cache_capacity,
+            pool_size: o.pool_size as usize,
+            listener: o.listener_config(),
+        }
+    }
+}
+
+/// A running instance. Dropping it aborts the listener; [`Instance::shutdown`] stops it cleanly.
+pub struct Instance {
+    pub repo: Repository,
+    pub cache: RoleCache,
+    pub listener: ListenerHandle,
+}
+
+impl Instance {
+    /// Applies pending migrations and starts the listener for `cache` (created by the caller so
+    /// that it can subscribe to the cache's events before anything happens).
+    pub async fn start(
+        pg: &tokio_postgres::Config,
+        options: &InstanceOptions,
+        cache: RoleCache,
+    ) -> anyhow::Result<Instance> {
+        migrate(pg).await?;
+        let pool = db::pool(pg, options.pool_size);
+        let listener =
+            Listener::new(pg, pool.clone(), cache.clone(), options.listener.clone()).spawn();
+        Ok(Instance {
+            repo: Repository::new(pool),
+            cache,
+            listener,
+        })
+    }
+
+    /// The role of `user_id`: from the cache when it is synced and holds the user, else from the
+    /// database.
+    pub async fn lookup(&self, user_id: UserId) -> Result<Lookup, RepoError> {
+        self.cache
+            .lookup(user_id, || self.repo.role_of(user_id))
+            .await
+    }
+
+    /// Waits until the listener has synced the cache; `false` if `limit` passed first.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        self.listener.wait_for(limit, |s| s.is_synced()).await
+    }
+
+    /// Stops the listener and closes the pool.
+    pub async fn shutdown(self) {
+        self.listener.stop().await;
+        self.repo.pool().close();
+    }
+}
+
+/// Applies pending migrations over a connection of its own; returns the versions applied.
+pub async fn migrate(pg: &tokio_postgres::Config) -> anyhow::Result<Vec<i32>> {
+    let mut pg = pg.clone();
+    db::harden(&mut pg);
+    pg.application_name("rolecache-migrate");
+    let (mut client, connection) = pg
+        .connect(NoTls)
+        .await
+        .context("cannot connect to the database")?;
+    let driver = tokio::spawn(connection);
+    let applied = db::migrate::migrate(&mut client)
+        .await
+        .context("migration failed")?;
+    drop(client);
+    let _ = driver.await;
+    Ok(applied)
+}

@@ -1,0 +1,32 @@
+//! rolecache: a role cache for Telegram bots that PostgreSQL keeps fresh.
+//!
+//! Triggers on `users` send `NOTIFY role_changes` for every committed role change; a listener
+//! task applies each one to an in-process moka cache; lookups read the cache and load from the
+//! database on a miss. See `README.md` for the contract and `../shared/DESIGN.md` for the
+//! invariants.
+//!
+//! # Layout
+//!
+//! * [`role`] — the domain types: `Role`, `UserId`, `RoleVersion`, `RoleState`.
+//! * [`cache`] — `RoleCache`: the version-gated, epoch-guarded cache and its event channel.
+//! * [`listener`] — the dedicated LISTEN session that keeps the cache fresh; payload parsing and
+//!   the trigger check live beside it.
+//! * [`db`] — connection settings, the pool, the migration runner and the `Repository`.
+//! * [`instance`] — one running instance: migrations, pool, cache and listener together.
+//! * [`watch`] — `rolecache watch`: the cache's events as JSON lines, for DBAs and tests.
+//! * [`config`] — the command line and environment, validated at start.
+//! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
+//! * [`telemetry`] — logging setup.
+
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod embedded;
+pub mod instance;
+pub mod listener;
+pub mod role;
+pub mod telemetry;
+pub mod watch;
+
+pub use cache::{CacheEvent, RoleCache};
+pub use role::{Role, RoleState, RoleVersion, UserId};

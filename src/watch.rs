@@ -1,0 +1,110 @@
+//! `rolecache watch`: the listener and the cache without Telegram, printing one JSON line per
+//! event to stdout (flushed at once), so a DBA can see an edit reach the application.
+//!
+//! ```text
+//! {"event":"connected"}
+//! {"event":"changed","user_id":42,"op":"update","role":"admin","version":17,"lag_ms":0.8}
+//! {"event":"resync","reason":"reconnect"}
+//! {"event":"disconnected","error":"connection closed by the server"}
+//! ```
+
+use std::future::Future;
+use std::io::Write;
+
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::cache::{CacheEvent, ResyncReason, RoleCache};
+use crate::instance::{Instance, InstanceOptions};
+
+/// The JSON line for one event.
+pub fn event_json(event: &CacheEvent) -> serde_json::Value {
+    match event {
+        CacheEvent::Connected => json!({"event": "connected"}),
+        CacheEvent::Changed {
+            user_id,
+            op,
+            role,
+            version,
+            lag,
+        } => json!({
+            "event": "changed",
+            "user_id": user_id,
+            "op": op,
+            "role": role,
+            "version": version,
+            "lag_ms": (lag.as_secs_f64() * 1e6).round() / 1e3,
+        }),
+        CacheEvent::Resync { reason } => json!({"event": "resync", "reason": reason.as_str()}),
+        CacheEvent::Disconnected { error } => json!({"event": "disconnected", "error": error}),
+    }
+}
+
+/// Runs until `shutdown` completes or stdout is closed.
+pub async fn run(
+    pg: &tokio_postgres::Config,
+    options: &InstanceOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cache = RoleCache::new(options.cache_capacity);
+    let mut events = cache.subscribe();
+    let instance = Instance::start(pg, options, cache).await?;
+    tokio::pin!(shutdown);
+    let mut stdout = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.recv() => event,
+        };
+        let line = match event {
+            Ok(event) => event_json(&event),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "watch fell behind the cache's events");
+                event_json(&CacheEvent::Resync {
+                    reason: ResyncReason::Lagged,
+                })
+            }
+            Err(RecvError::Closed) => break,
+        };
+        // A closed stdout (`rolecache watch | head`) ends the watch quietly.
+        if writeln!(stdout, "{line}")
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    instance.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listener::payload::RowOp;
+    use crate::role::Role;
+    use std::time::Duration;
+
+    #[test]
+    fn changed_line_has_the_documented_fields() {
+        let line = event_json(&CacheEvent::Changed {
+            user_id: 42,
+            op: RowOp::Update,
+            role: Some(Role::Admin),
+            version: 17,
+            lag: Duration::from_micros(812),
+        });
+        assert_eq!(
+            line.to_string(),
+            r#"{"event":"changed","user_id":42,"op":"update","role":"admin","version":17,"lag_ms":0.812}"#
+        );
+        let deleted = event_json(&CacheEvent::Changed {
+            user_id: 1,
+            op: RowOp::Delete,
+            role: None,
+            version: 3,
+            lag: Duration::ZERO,
+        });
+        assert_eq!(deleted["role"], serde_json::Value::Null);
+    }
+}
