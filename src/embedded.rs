@@ -84,7 +84,8 @@ impl PrivateCluster {
             None
         };
         let port = if port == 0 { free_port()? } else { port };
-        let socket_dir = data_dir.with_extension("sock");
+        // Socket and log live beside the data directory, in a directory the server user owns.
+        let socket_dir = data_dir.with_extension("run");
         let mut cluster = PrivateCluster {
             bin_dir,
             data_dir: data_dir.to_path_buf(),
@@ -150,8 +151,8 @@ impl PrivateCluster {
     pub fn start_server(&mut self) -> Result<(), ClusterError> {
         let data = self.data_dir.to_string_lossy().into_owned();
         let log = self
-            .data_dir
-            .with_extension("log")
+            .socket_dir
+            .join("postgres.log")
             .to_string_lossy()
             .into_owned();
         let options = format!(

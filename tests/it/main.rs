@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod faults;
 mod propagation;
 mod races;
 mod resilience;
