@@ -47,6 +47,9 @@ pub enum Command {
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
     Watch,
+    /// Measure the cache against no cache, a TTL cache and a bare LISTEN client (in a database
+    /// of its own on the server of DATABASE_URL, dropped afterwards).
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Tuning of the cache and the listener.

@@ -17,7 +17,9 @@
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
 //! * [`telemetry`] — logging setup.
+//! * [`bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
 
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod db;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use rolecache::config::{self, Command, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{db, telemetry, watch};
+use rolecache::{bench, db, telemetry, watch};
 
 fn main() -> ExitCode {
     let cli = config::parse_or_exit();
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Watch => watch::run(&pg, &options, shutdown_signal()).await,
+            Command::Bench(args) => bench::run(&pg, &args).await,
         }
     });
     match result {
