@@ -66,6 +66,9 @@ pub enum PayloadError {
 struct RawRow {
     op: String,
     user_id: i64,
+    // Required even when null: serde would otherwise read a missing `role` as `None`, and the
+    // triggers always send it.
+    #[serde(deserialize_with = "Option::deserialize")]
     role: Option<String>,
     version: i64,
     #[serde(default)]
@@ -87,6 +90,7 @@ enum RawPayload {
 #[serde(deny_unknown_fields)]
 struct RawRowBody {
     user_id: i64,
+    #[serde(deserialize_with = "Option::deserialize")]
     role: Option<String>,
     version: i64,
     ts: i64,
@@ -247,6 +251,16 @@ mod tests {
         ];
         for payload in bad {
             assert!(parse(payload).is_err(), "accepted {payload:?}");
+        }
+    }
+
+    #[test]
+    fn a_change_without_its_role_field_is_an_error() {
+        for payload in [
+            r#"{"op":"delete","user_id":7,"version":9,"ts":1}"#,
+            r#"{"op":"batch","ts":1,"changes":[{"op":"delete","user_id":7,"version":9}]}"#,
+        ] {
+            assert!(parse(payload).is_err(), "accepted {payload}");
         }
     }
 
