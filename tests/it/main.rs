@@ -5,6 +5,7 @@ mod harness;
 
 mod faults;
 mod propagation;
+mod properties;
 mod races;
 mod resilience;
 mod schema;
