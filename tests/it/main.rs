@@ -9,4 +9,5 @@ mod properties;
 mod races;
 mod resilience;
 mod schema;
+mod torture;
 mod watch_cli;
