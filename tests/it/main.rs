@@ -4,6 +4,7 @@
 mod harness;
 
 mod faults;
+mod flood;
 mod propagation;
 mod properties;
 mod races;
