@@ -21,6 +21,8 @@
 //! * At connect and every `trigger_check_interval` the triggers are checked; while any is missing
 //!   or not `ENABLE ALWAYS`, the cache stays unsynced and lookups read the database.
 //! * It reconnects forever, with capped exponential backoff and jitter.
+//! * Its session turns `idle_session_timeout` off for itself: it is idle between notifications
+//!   by design, and a server-side idle timeout would end it (and flush the cache) every time.
 
 pub mod payload;
 pub mod triggers;
@@ -45,6 +47,10 @@ pub const CHANNEL: &str = "role_changes";
 
 /// `application_name` of the listener's session (visible in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "rolecache-listener";
+
+/// Turns `idle_session_timeout` off for the listener's own session, where the server has it.
+const NO_IDLE_SESSION_TIMEOUT: &str = "SELECT set_config(name, '0', false) FROM pg_settings
+     WHERE name = 'idle_session_timeout'";
 
 /// Tuning of the listener. The defaults suit production; tests shorten them.
 #[derive(Clone, Debug)]
@@ -304,7 +310,14 @@ impl Listener {
         let overflow = Arc::new(AtomicU64::new(0));
         let driver = AbortOnDrop(tokio::spawn(drive(connection, tx, overflow.clone())));
 
-        let listen = format!("LISTEN {CHANNEL}; LISTEN {}", self.ping_channel);
+        // The session is idle between notifications by design, and its liveness is proven by
+        // the ping: exempt it from a DBA's `idle_session_timeout` (PostgreSQL 14+; the lookup in
+        // pg_settings keeps older servers working), which would otherwise end it, and flush the
+        // cache, every time it elapses.
+        let listen = format!(
+            "{NO_IDLE_SESSION_TIMEOUT}; LISTEN {CHANNEL}; LISTEN {}",
+            self.ping_channel
+        );
         match tokio::time::timeout(io_timeout, client.batch_execute(&listen)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return ListenerError::Listen(e),

@@ -10,5 +10,6 @@ mod properties;
 mod races;
 mod resilience;
 mod schema;
+mod timeouts;
 mod torture;
 mod watch_cli;
