@@ -28,6 +28,8 @@ const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS rolecache_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )";
 
+const LEDGER_EXISTS: &str = "SELECT to_regclass('rolecache_migrations') IS NOT NULL";
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("migration {version} ({name}) was changed after it was applied (checksum {found}, expected {expected})")]
@@ -65,7 +67,12 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
 }
 
 async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
-    client.batch_execute(CREATE_LEDGER).await?;
+    // `CREATE TABLE IF NOT EXISTS` needs CREATE on the schema even when the table exists, which
+    // a least-privileged bot role does not have: only create the ledger when it is missing.
+    let ledger_exists: bool = client.query_one(LEDGER_EXISTS, &[]).await?.get(0);
+    if !ledger_exists {
+        client.batch_execute(CREATE_LEDGER).await?;
+    }
     let mut applied = Vec::new();
     for migration in MIGRATIONS {
         let checksum = checksum(migration.sql);

@@ -10,6 +10,7 @@ mod properties;
 mod races;
 mod resilience;
 mod schema;
+mod security;
 mod timeouts;
 mod torture;
 mod watch_cli;

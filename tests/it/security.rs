@@ -1,0 +1,205 @@
+//! The threat model of SECURITY.md, tested: anyone who can connect can forge a notification,
+//! and `docs/least-privilege.sql` gives the bot a role that runs an instance and the
+//! repository's operations, and can neither switch the cache off nor forge history, while other
+//! roles cannot connect at all.
+
+use std::time::Duration;
+
+use rolecache::instance::Instance;
+use rolecache::{Role, RoleCache};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::harness::{connect, eventually, fast_options, TestDb};
+
+const LEAST_PRIVILEGE_SQL: &str = include_str!("../../docs/least-privilege.sql");
+
+/// Roles are cluster-wide: drops the ones left behind by test processes that no longer run.
+async fn drop_leftover_roles(admin: &tokio_postgres::Client) {
+    let rows = admin
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'rolecache\\_t\\_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name["rolecache_t_".len()..].split('_').next().unwrap_or("");
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS \"{name}\""))
+                .await;
+        }
+    }
+}
+
+/// The SQL file with psql's variables filled in.
+fn least_privilege_sql(role: &str, database: &str) -> String {
+    LEAST_PRIVILEGE_SQL
+        .replace(":\"bot_role\"", &format!("\"{role}\""))
+        .replace(":\"bot_database\"", &format!("\"{database}\""))
+}
+
+fn as_role(db: &TestDb, role: &str) -> tokio_postgres::Config {
+    let mut config = db.config();
+    config.user(role);
+    config
+}
+
+async fn refused(client: &tokio_postgres::Client, sql: &str) {
+    let error = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("the bot role was allowed: {sql}"));
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{sql}: {error:?}"
+    );
+}
+
+#[tokio::test]
+async fn anyone_who_can_connect_can_forge_a_role_until_connect_is_revoked() {
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    drop_leftover_roles(&admin).await;
+    let stranger = format!("{}_stranger", db.name());
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{stranger}\" LOGIN"))
+        .await
+        .unwrap();
+    db.sql("INSERT INTO users (user_id, role) VALUES (7, 'user')")
+        .await;
+    let instance = db.instance().await;
+    assert_eq!(
+        instance.lookup(7).await.unwrap().state.role,
+        Some(Role::User)
+    );
+
+    // A role with no privilege on any table, only the default CONNECT of PUBLIC.
+    let forger = connect(&as_role(&db, &stranger)).await;
+    forger
+        .batch_execute(
+            r#"NOTIFY role_changes, '{"op":"update","user_id":7,"role":"owner","version":9223372036854775807,"ts":0}'"#,
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "forged payload applied", || async {
+        instance.lookup(7).await.unwrap().state.role == Some(Role::Owner)
+    })
+    .await;
+    // And it sticks: no real version can beat it until the next resync.
+    db.sql("UPDATE users SET role = 'banned' WHERE user_id = 7")
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        instance.lookup(7).await.unwrap().state.role,
+        Some(Role::Owner)
+    );
+    drop(forger);
+    instance.shutdown().await;
+
+    // The hardening: CONNECT only for the bot's role.
+    let bot = format!("{}_bot", db.name());
+    db.sql(&least_privilege_sql(&bot, db.name())).await;
+    let error = as_role(&db, &stranger)
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("a stranger connected after REVOKE CONNECT");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{error:?}"
+    );
+
+    let name = db.name().to_string();
+    drop(db);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE \"{stranger}\"; DROP ROLE \"{bot}\"; -- {name} is gone"
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn least_privileged_bot_role_runs_the_instance_but_cannot_switch_the_cache_off() {
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    drop_leftover_roles(&admin).await;
+    let bot = format!("{}_bot", db.name());
+    db.sql(&least_privilege_sql(&bot, db.name())).await;
+
+    // The instance, as the bot: migration check, listener, pool.
+    let config = as_role(&db, &bot);
+    let instance = Instance::start(&config, &fast_options(), RoleCache::new(1000))
+        .await
+        .expect("instance starts as the bot role");
+    assert!(instance.wait_synced(Duration::from_secs(10)).await);
+
+    // Everything the bot does through the repository.
+    let repo = &instance.repo;
+    let registered = repo.register(1, Some("alice")).await.unwrap();
+    assert!(registered.created);
+    assert!(repo.update_username(1, Some("alice2")).await.unwrap());
+    assert_eq!(
+        repo.user_by_username("ALICE2")
+            .await
+            .unwrap()
+            .map(|u| u.user_id),
+        Some(1)
+    );
+    let (before, after) = repo
+        .set_role(Some(42), 1, Role::Admin)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((before.role, after.role), (Role::User, Role::Admin));
+    eventually(Duration::from_secs(5), "promotion in the cache", || async {
+        instance.cache.peek(1).await.and_then(|s| s.role) == Some(Role::Admin)
+    })
+    .await;
+    let audit = repo.recent_audit(1).await.unwrap();
+    assert_eq!(audit[0].db_user, bot);
+    assert_eq!(audit[0].actor_telegram_id, Some(42));
+    // A DBA's change (as the owner) reaches the bot's instance.
+    db.sql("UPDATE users SET role = 'banned' WHERE user_id = 1")
+        .await;
+    eventually(
+        Duration::from_secs(5),
+        "DBA change in the cache",
+        || async { instance.lookup(1).await.unwrap().state.role == Some(Role::Banned) },
+    )
+    .await;
+
+    // What it cannot do.
+    let client = connect(&config).await;
+    for sql in [
+        "ALTER TABLE users DISABLE TRIGGER rolecache_notify_update",
+        "ALTER TABLE users ENABLE TRIGGER rolecache_notify_update",
+        "DROP TRIGGER rolecache_notify_delete ON users",
+        "TRUNCATE users",
+        "DELETE FROM users WHERE user_id = 1",
+        "UPDATE users SET role_version = 1 WHERE user_id = 1",
+        "UPDATE users SET user_id = 2 WHERE user_id = 1",
+        "INSERT INTO role_audit (op, user_id, db_user) VALUES ('update', 1, 'postgres')",
+        "UPDATE role_audit SET new_role = 'user'",
+        "DELETE FROM role_audit",
+        "SET session_replication_role = replica",
+        "CREATE TABLE users_copy (user_id bigint)",
+        "CREATE TEMPORARY TABLE scratch (user_id bigint)",
+    ] {
+        refused(&client, sql).await;
+    }
+    assert!(instance.listener.state().is_synced());
+
+    instance.shutdown().await;
+    drop(client);
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{bot}\""))
+        .await
+        .unwrap();
+}
