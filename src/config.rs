@@ -37,16 +37,92 @@ pub struct Cli {
     #[command(flatten)]
     pub cache: CacheOptions,
 
+    #[command(flatten)]
+    pub telegram: TelegramOptions,
+
+    /// What to run; `run` (the bot) when none is given.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
-#[derive(Debug, Subcommand)]
+impl Cli {
+    /// The subcommand to run: `run` when none was given.
+    pub fn subcommand(&self) -> Command {
+        self.command.unwrap_or(Command::Run)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 pub enum Command {
+    /// Run the Telegram bot with long polling (the default). Needs TELOXIDE_TOKEN.
+    Run,
     /// Apply the schema migrations in sql/ (also done by `watch` at start). Re-running is a no-op.
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
     Watch,
+}
+
+/// The Telegram side of `rolecache run`. Read from the environment like teloxide's
+/// `Bot::from_env` does, but validated here so that a bad value is one line and exit code 2
+/// instead of a panic inside teloxide.
+#[derive(Debug, Clone, Args)]
+pub struct TelegramOptions {
+    /// The bot token from @BotFather (required by `run`).
+    #[arg(long = "token", env = "TELOXIDE_TOKEN", global = true, hide_env_values = true, value_parser = parse_token)]
+    pub token: Option<String>,
+
+    /// A Bot API server other than api.telegram.org (a local Bot API server, or a test stand-in).
+    #[arg(long, env = "TELOXIDE_API_URL", global = true, value_parser = parse_api_url)]
+    pub api_url: Option<String>,
+
+    /// This Telegram user is made owner at start (idempotent).
+    #[arg(long, env = "OWNER_ID", global = true, value_parser = clap::value_parser!(i64).range(1..))]
+    pub owner_id: Option<i64>,
+}
+
+/// What `rolecache run` needs, once the token is known to be present.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub token: String,
+    pub api_url: Option<String>,
+    pub owner_id: Option<i64>,
+}
+
+impl TelegramOptions {
+    /// The settings of `run`, or the one line to print when the token is missing.
+    pub fn run_config(&self) -> Result<RunConfig, String> {
+        let token = self.token.clone().ok_or_else(|| {
+            "TELOXIDE_TOKEN is not set: the bot needs its token from @BotFather \
+             (or pass --token)"
+                .to_string()
+        })?;
+        Ok(RunConfig {
+            token,
+            api_url: self.api_url.clone(),
+            owner_id: self.owner_id,
+        })
+    }
+}
+
+fn parse_token(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err("the bot token must be one word without '/' (like 123456:ABC-DEF)".into());
+    }
+    Ok(token.to_string())
+}
+
+/// An absolute http(s) URL, without the trailing slash (as teloxide's `Bot::from_env` strips it).
+fn parse_api_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(url.to_string())
 }
 
 /// Tuning of the cache and the listener.
@@ -153,6 +229,41 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn api_urls_and_tokens() {
+        assert_eq!(
+            parse_api_url("http://127.0.0.1:8081/"),
+            Ok("http://127.0.0.1:8081".to_string())
+        );
+        assert!(parse_api_url("https://example.com/tba").is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:80",
+            "ftp://x",
+            "http://",
+            "http:///x",
+            "mailto:me",
+        ] {
+            assert!(parse_api_url(bad).is_err(), "accepted {bad:?}");
+        }
+        assert!(parse_token("123:abc").is_ok());
+        for bad in ["", "  ", "a b", "a/b"] {
+            assert!(parse_token(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn no_subcommand_means_run_and_run_needs_a_token() {
+        let cli = Cli::try_parse_from(["rolecache"]).unwrap();
+        assert_eq!(cli.subcommand(), Command::Run);
+        let cli = Cli::try_parse_from(["rolecache", "--token", "1:x", "--owner-id", "7"]).unwrap();
+        let run = cli.telegram.run_config().unwrap();
+        assert_eq!((run.token.as_str(), run.owner_id), ("1:x", Some(7)));
+        let cli = Cli::try_parse_from(["rolecache", "migrate"]).unwrap();
+        assert_eq!(cli.subcommand(), Command::Migrate);
+        assert!(Cli::try_parse_from(["rolecache", "run", "--owner-id", "0"]).is_err());
     }
 
     #[test]

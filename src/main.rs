@@ -2,9 +2,16 @@
 
 use std::process::ExitCode;
 
-use rolecache::config::{self, Command, EXIT_CONFIG};
+use rolecache::config::{self, Command, RunConfig, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{db, telemetry, watch};
+use rolecache::{bot, db, telemetry, watch};
+
+/// A subcommand with the settings it needs.
+enum Job {
+    Migrate,
+    Watch,
+    Run(RunConfig),
+}
 
 fn main() -> ExitCode {
     let cli = config::parse_or_exit();
@@ -23,15 +30,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Settings that only `run` needs are checked before anything starts.
+    let job = match cli.subcommand() {
+        Command::Migrate => Job::Migrate,
+        Command::Watch => Job::Watch,
+        Command::Run => match cli.telegram.run_config() {
+            Ok(run) => Job::Run(run),
+            Err(line) => {
+                eprintln!("rolecache: {line}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
+    };
     let options = InstanceOptions::from(&cli.cache);
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Migrate => {
+        match job {
+            Job::Migrate => {
                 let applied = instance::migrate(&pg).await?;
                 tracing::info!(?applied, "database is up to date");
                 Ok(())
             }
-            Command::Watch => watch::run(&pg, &options, shutdown_signal()).await,
+            Job::Watch => watch::run(&pg, &options, shutdown_signal()).await,
+            Job::Run(run) => bot::run(&pg, &options, &run, shutdown_signal()).await,
         }
     });
     match result {
