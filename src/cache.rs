@@ -376,8 +376,14 @@ impl RoleCache {
             .and_compute_with(|existing| {
                 let existing = existing.map(|e| e.into_value());
                 let op = match existing {
-                    Some(old) if old.epoch == new.epoch && old.order() >= new.order() => Op::Nop,
                     Some(old) if old.epoch > new.epoch => Op::Nop,
+                    Some(old) if old.epoch == new.epoch => {
+                        if old.order() >= new.order() {
+                            Op::Nop
+                        } else {
+                            Op::Put(new)
+                        }
+                    }
                     // Absent (or from a flushed epoch): a load may only fill it if no change
                     // was applied while it ran, since the key may have been evicted after one.
                     _ if load_changes_seen

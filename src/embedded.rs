@@ -1,1 +1,264 @@
-//! A private PostgreSQL cluster.
+//! A private PostgreSQL cluster: `initdb` into a directory of our own, `postgres` on a port and
+//! socket directory of its own, stopped on drop.
+//!
+//! `initdb` and `postgres` refuse to run as root; as root (containers, CI) the binaries run as the
+//! `postgres` system user that Debian's packages create, with the data directory owned by it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no PostgreSQL binaries found (initdb on PATH or under /usr/lib/postgresql/*/bin)")]
+    NoBinaries,
+    #[error("running as root, but there is no `postgres` system user to run PostgreSQL as")]
+    NoServiceUser,
+    #[error("{step} failed: {detail}")]
+    Step { step: &'static str, detail: String },
+    #[error("the cluster did not accept connections within {0:?}")]
+    NotReady(Duration),
+}
+
+/// How to stop the server.
+#[derive(Clone, Copy, Debug)]
+pub enum StopMode {
+    /// Roll back open transactions, disconnect clients, shut down cleanly.
+    Fast,
+    /// Abort at once, like a crash; recovery runs at next start.
+    Immediate,
+}
+
+/// A running private cluster. Dropping it stops the server.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    run_as: Option<String>,
+    running: bool,
+}
+
+impl PrivateCluster {
+    /// The directory holding `initdb`, `pg_ctl` and `postgres`, if PostgreSQL is installed.
+    pub fn find_bin_dir() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                    return Some(dir);
+                }
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let major = e.file_name().to_str()?.parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((major, bin))
+            })
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin)
+    }
+
+    /// Starts a cluster in `data_dir` (created by `initdb` if it holds none yet) on `port`
+    /// (0: a free one), with trust authentication for local connections only.
+    pub fn start(data_dir: &Path, port: u16) -> Result<Self, ClusterError> {
+        let bin_dir = Self::find_bin_dir().ok_or(ClusterError::NoBinaries)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            let exists = Command::new("id")
+                .arg("-u")
+                .arg("postgres")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if !exists {
+                return Err(ClusterError::NoServiceUser);
+            }
+            Some("postgres".to_string())
+        } else {
+            None
+        };
+        let port = if port == 0 { free_port()? } else { port };
+        let socket_dir = data_dir.with_extension("sock");
+        let mut cluster = PrivateCluster {
+            bin_dir,
+            data_dir: data_dir.to_path_buf(),
+            socket_dir,
+            port,
+            run_as,
+            running: false,
+        };
+        cluster.prepare_dirs()?;
+        if !data_dir.join("PG_VERSION").is_file() {
+            cluster.run(
+                "initdb",
+                "initdb",
+                &[
+                    "-D",
+                    &cluster.data_dir.to_string_lossy(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+            )?;
+        }
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A URL for database `dbname` as the `postgres` superuser over TCP.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// Stops the server (no-op if it is not running).
+    pub fn stop(&mut self, mode: StopMode) -> Result<(), ClusterError> {
+        if !self.running {
+            return Ok(());
+        }
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        let data = self.data_dir.to_string_lossy().into_owned();
+        self.run(
+            "pg_ctl stop",
+            "pg_ctl",
+            &["-D", &data, "-m", mode, "-w", "stop"],
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port after [`PrivateCluster::stop`].
+    pub fn start_server(&mut self) -> Result<(), ClusterError> {
+        let data = self.data_dir.to_string_lossy().into_owned();
+        let log = self
+            .data_dir
+            .with_extension("log")
+            .to_string_lossy()
+            .into_owned();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.socket_dir.display()
+        );
+        self.run(
+            "pg_ctl start",
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+            ],
+        )?;
+        self.running = true;
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(ClusterError::NotReady(limit))
+    }
+
+    fn prepare_dirs(&self) -> Result<(), ClusterError> {
+        for dir in [&self.data_dir, &self.socket_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| ClusterError::Step {
+                step: "create directory",
+                detail: format!("{}: {e}", dir.display()),
+            })?;
+            if let Some(user) = &self.run_as {
+                let status = Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{user}:"))
+                    .arg(dir)
+                    .status();
+                if !matches!(status, Ok(s) if s.success()) {
+                    return Err(ClusterError::Step {
+                        step: "chown",
+                        detail: dir.display().to_string(),
+                    });
+                }
+            }
+        }
+        // initdb wants the data directory private to its owner.
+        std::fs::set_permissions(
+            &self.data_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| ClusterError::Step {
+            step: "chmod",
+            detail: e.to_string(),
+        })
+    }
+
+    fn run(&self, step: &'static str, program: &str, args: &[&str]) -> Result<(), ClusterError> {
+        let binary = self.bin_dir.join(program);
+        let mut command = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        // Run from a directory the service user may enter.
+        command.args(args).current_dir("/");
+        let output = command.output().map_err(|e| ClusterError::Step {
+            step,
+            detail: e.to_string(),
+        })?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            Err(ClusterError::Step {
+                step,
+                detail: format!("{} {}", stderr.trim(), stdout.trim())
+                    .trim()
+                    .chars()
+                    .take(2000)
+                    .collect(),
+            })
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(StopMode::Fast) {
+            tracing::warn!(error = %e, "could not stop the private PostgreSQL cluster");
+        }
+    }
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ClusterError::Step {
+            step: "find a free port",
+            detail: e.to_string(),
+        })
+}

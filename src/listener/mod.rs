@@ -62,6 +62,8 @@ pub struct ListenerConfig {
     pub backoff_max: Duration,
     /// Limit for connecting and for each query the listener runs itself.
     pub io_timeout: Duration,
+    /// Extra time spent on every notification: simulates a slow consumer (tests, benchmarks).
+    pub slow_consumer: Option<Duration>,
 }
 
 impl Default for ListenerConfig {
@@ -74,6 +76,7 @@ impl Default for ListenerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             io_timeout: Duration::from_secs(5),
+            slow_consumer: None,
         }
     }
 }
@@ -369,6 +372,9 @@ impl Listener {
             return;
         }
         self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+        if let Some(delay) = self.config.slow_consumer {
+            tokio::time::sleep(delay).await;
+        }
         match payload::parse(notification.payload()) {
             Ok(Payload::Changes { changes, ts_us }) => {
                 let lag = lag_between(ts_us, SystemTime::now());

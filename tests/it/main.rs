@@ -1,0 +1,10 @@
+//! Integration tests: one binary, one module per area. Every test gets its own database on a
+//! real PostgreSQL (see `harness`).
+
+mod harness;
+
+mod propagation;
+mod races;
+mod resilience;
+mod schema;
+mod watch_cli;

@@ -1,0 +1,377 @@
+//! The listener under trouble: killed connections, malformed payloads, missing triggers, a
+//! slow consumer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rolecache::cache::{CacheEvent, ResyncReason, Source};
+use rolecache::instance::Instance;
+use rolecache::listener::ListenerState;
+use rolecache::Role;
+use tokio::sync::broadcast::error::TryRecvError;
+
+use crate::harness::{eventually, fast_options, TestDb};
+
+const SOON: Duration = Duration::from_secs(5);
+const USERS: i64 = 100;
+
+/// Every user's cached state equals the table (polling until it does).
+async fn converged(db: &TestDb, instance: &Instance) {
+    eventually(SOON * 2, "cache equals the table", || async {
+        if !instance.cache.is_synced() {
+            return false;
+        }
+        let rows = db
+            .client()
+            .await
+            .query("SELECT user_id, role, role_version FROM users", &[])
+            .await
+            .unwrap();
+        let table: HashMap<i64, (String, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        for id in 1..=USERS {
+            let looked_up = instance.lookup(id).await.unwrap().state;
+            let expected = table.get(&id);
+            let same = match expected {
+                Some((role, version)) => {
+                    looked_up.role.map(|r| r.as_str()) == Some(role.as_str())
+                        && looked_up.version == *version
+                }
+                None => looked_up.role.is_none(),
+            };
+            if !same {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+fn resyncs(instance: &Instance, reason: ResyncReason) -> u64 {
+    instance
+        .cache
+        .stats()
+        .resyncs
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
+#[tokio::test]
+async fn listener_killed_while_roles_change_serves_nothing_stale_and_converges() {
+    let db = TestDb::new().await;
+    db.sql(&format!(
+        "INSERT INTO users (user_id) SELECT g FROM generate_series(1, {USERS}) g"
+    ))
+    .await;
+    let instance = db.instance().await;
+    for id in 1..=USERS {
+        instance.lookup(id).await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A DBA changing roles as fast as it can.
+    let writer = {
+        let client = db.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let roles = ["owner", "admin", "user", "banned"];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = fastrand::i64(1..=USERS);
+                let role = roles[fastrand::usize(..roles.len())];
+                client
+                    .execute(
+                        "UPDATE users SET role = $1 WHERE user_id = $2",
+                        &[&role, &id],
+                    )
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    // A reader checking the promise: a lookup never returns a version older than one whose
+    // notification this instance had applied before the lookup began.
+    let reader = {
+        let stop = stop.clone();
+        let cache = instance.cache.clone();
+        let repo = instance.repo.clone();
+        let mut events = cache.subscribe();
+        tokio::spawn(async move {
+            let mut applied: HashMap<i64, i64> = HashMap::new();
+            let mut lookups = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                loop {
+                    match events.try_recv() {
+                        Ok(CacheEvent::Changed {
+                            user_id, version, ..
+                        }) => {
+                            let v = applied.entry(user_id).or_insert(0);
+                            *v = (*v).max(version);
+                        }
+                        Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    }
+                }
+                let id = fastrand::i64(1..=USERS);
+                let floor = applied.get(&id).copied().unwrap_or(0);
+                let found = cache.lookup(id, || repo.role_of(id)).await.unwrap();
+                assert!(
+                    found.state.version >= floor,
+                    "user {id}: served version {} ({:?}) after version {floor} was applied",
+                    found.state.version,
+                    found.source
+                );
+                lookups += 1;
+                tokio::task::yield_now().await;
+            }
+            lookups
+        })
+    };
+    let mut kills = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        kills += db.kill_listeners().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await.unwrap();
+    let lookups = reader.await.unwrap();
+    assert!(kills >= 5, "only {kills} listener sessions were killed");
+    assert!(
+        changes > 100 && lookups > 100,
+        "{changes} changes, {lookups} lookups"
+    );
+
+    converged(&db, &instance).await;
+    assert!(instance.listener.stats().reconnects.load(Ordering::Relaxed) >= kills as u64);
+    instance.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_payloads_resync_without_a_crash() {
+    let db = TestDb::new().await;
+    db.sql("INSERT INTO users (user_id, role) VALUES (1, 'admin')")
+        .await;
+    let instance = db.instance().await;
+    let client = db.client().await;
+    let long = format!(
+        "{{\"op\":\"truncate\",\"ts\":1,\"pad\":\"{}\"}}",
+        "x".repeat(7900)
+    );
+    let bad = [
+        "not json",
+        r#"{"op":"update","user_id":"1","role":"admin","version":1,"ts":1}"#,
+        r#"{"op":"update","user_id":1,"role":"root","version":99,"ts":1}"#,
+        r#"{"op":"update","user_id":1,"role":"owner","version":1.5,"ts":1}"#,
+        r#"{"op":"batch","ts":1,"changes":[]}"#,
+        long.as_str(),
+    ];
+    for (n, payload) in bad.iter().enumerate() {
+        assert_eq!(
+            instance.lookup(1).await.unwrap().state.role,
+            Some(Role::Admin)
+        );
+        assert_eq!(instance.lookup(1).await.unwrap().source, Source::Cache);
+        client
+            .execute("SELECT pg_notify('role_changes', $1)", &[payload])
+            .await
+            .unwrap();
+        eventually(SOON, "malformed payload answered by a resync", || async {
+            resyncs(&instance, ResyncReason::Malformed) == n as u64 + 1
+        })
+        .await;
+        assert_eq!(instance.cache.peek(1).await, None, "cache was flushed");
+    }
+    assert_eq!(instance.listener.state(), ListenerState::Synced);
+    assert_eq!(
+        instance.listener.stats().reconnects.load(Ordering::Relaxed),
+        0
+    );
+    // Later changes are still applied.
+    instance.lookup(1).await.unwrap();
+    db.sql("UPDATE users SET role = 'banned' WHERE user_id = 1")
+        .await;
+    eventually(SOON, "later change applied", || async {
+        instance.cache.peek(1).await.and_then(|s| s.role) == Some(Role::Banned)
+    })
+    .await;
+    instance.shutdown().await;
+}
+
+#[tokio::test]
+async fn disabled_trigger_means_bypass_until_enabled_always() {
+    let db = TestDb::new().await;
+    db.sql("INSERT INTO users (user_id, role) VALUES (1, 'admin')")
+        .await;
+    let instance = db.instance().await;
+    assert_eq!(instance.lookup(1).await.unwrap().source, Source::Load);
+
+    db.sql("ALTER TABLE users DISABLE TRIGGER rolecache_notify_update")
+        .await;
+    assert!(
+        instance
+            .listener
+            .wait_for(SOON, |s| matches!(s, ListenerState::TriggersBroken { .. }))
+            .await
+    );
+    // A change that sends no notification is still seen: lookups read the database.
+    db.sql("UPDATE users SET role = 'user' WHERE user_id = 1")
+        .await;
+    let found = instance.lookup(1).await.unwrap();
+    assert_eq!(
+        (found.state.role, found.source),
+        (Some(Role::User), Source::Bypass)
+    );
+
+    // Plain ENABLE fires only in origin sessions (not for pg_restore): still not trusted.
+    db.sql("ALTER TABLE users ENABLE TRIGGER rolecache_notify_update")
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ListenerState::TriggersBroken { reason } = instance.listener.state() else {
+        panic!("trusted a trigger that replica sessions skip")
+    };
+    assert!(
+        reason.contains("ENABLE ALWAYS TRIGGER rolecache_notify_update"),
+        "{reason}"
+    );
+
+    db.sql("ALTER TABLE users ENABLE ALWAYS TRIGGER rolecache_notify_update")
+        .await;
+    assert!(instance.wait_synced(SOON).await);
+    assert_eq!(resyncs(&instance, ResyncReason::Triggers), 1);
+    assert_eq!(instance.lookup(1).await.unwrap().source, Source::Load);
+    assert_eq!(instance.lookup(1).await.unwrap().source, Source::Cache);
+    instance.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropped_trigger_is_detected() {
+    let db = TestDb::new().await;
+    let instance = db.instance().await;
+    db.sql("DROP TRIGGER rolecache_notify_delete ON users")
+        .await;
+    assert!(
+        instance
+            .listener
+            .wait_for(SOON, |s| matches!(
+                s,
+                ListenerState::TriggersBroken { reason } if reason.contains("rolecache_notify_delete is missing")
+            ))
+            .await
+    );
+    assert!(!instance.cache.is_synced());
+    instance.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_consumer_overflow_resyncs_and_converges() {
+    let db = TestDb::new().await;
+    db.sql(&format!(
+        "INSERT INTO users (user_id) SELECT g FROM generate_series(1, {USERS}) g"
+    ))
+    .await;
+    let mut options = fast_options();
+    options.listener.queue_capacity = 4;
+    options.listener.slow_consumer = Some(Duration::from_millis(20));
+    let instance = db.instance_with(options).await;
+    for id in 1..=USERS {
+        instance.lookup(id).await.unwrap();
+    }
+    // 100 single-row statements in one transaction: 100 notifications arrive at once.
+    let mut burst = String::from("BEGIN;");
+    for id in 1..=USERS {
+        burst.push_str(&format!(
+            "UPDATE users SET role = 'admin' WHERE user_id = {id};"
+        ));
+    }
+    burst.push_str("COMMIT;");
+    db.sql(&burst).await;
+    eventually(SOON, "overflow detected", || async {
+        resyncs(&instance, ResyncReason::Overflow) >= 1
+    })
+    .await;
+    converged(&db, &instance).await;
+    for id in 1..=USERS {
+        assert_eq!(
+            instance.lookup(id).await.unwrap().state.role,
+            Some(Role::Admin)
+        );
+    }
+    assert_eq!(instance.listener.state(), ListenerState::Synced);
+    instance.shutdown().await;
+}
+
+#[tokio::test]
+async fn change_committed_while_the_listener_is_away_is_seen_after_reconnect() {
+    let db = TestDb::new().await;
+    db.sql("INSERT INTO users (user_id, role) VALUES (1, 'admin')")
+        .await;
+    let instance = db.instance().await;
+    assert_eq!(instance.lookup(1).await.unwrap().source, Source::Load);
+    assert_eq!(instance.lookup(1).await.unwrap().source, Source::Cache);
+    // Sessions opened now survive; new ones (the listener's reconnects) are refused.
+    let dba = db.client().await;
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(db_kill(&dba).await, 1);
+    assert!(
+        instance
+            .listener
+            .wait_for(
+                SOON,
+                |s| matches!(s, ListenerState::Connecting { attempt } if *attempt >= 2)
+            )
+            .await,
+        "listener keeps retrying"
+    );
+    // The demotion's notification has no listener to go to.
+    dba.batch_execute("UPDATE users SET role = 'user' WHERE user_id = 1")
+        .await
+        .unwrap();
+    let during = instance.lookup(1).await.unwrap();
+    assert_eq!(
+        (during.state.role, during.source),
+        (Some(Role::User), Source::Bypass)
+    );
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    assert!(instance.wait_synced(SOON).await);
+    let after = instance.lookup(1).await.unwrap();
+    assert_eq!(
+        (after.state.role, after.source),
+        (Some(Role::User), Source::Load)
+    );
+    assert_eq!(resyncs(&instance, ResyncReason::Reconnect), 1);
+    instance.shutdown().await;
+}
+
+async fn db_kill(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
+            &[&rolecache::listener::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

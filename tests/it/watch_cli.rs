@@ -1,0 +1,144 @@
+//! `rolecache watch` and the command line, run as a DBA or operator would run them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::harness::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
+const SOON: Duration = Duration::from_secs(10);
+
+struct Watch {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Watch {
+    fn spawn(db: &TestDb) -> Watch {
+        let mut child = Command::new(BIN)
+            .arg("watch")
+            .env("DATABASE_URL", db.url())
+            .env("ROLECACHE_PING_INTERVAL", "500ms")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn rolecache watch");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Watch { child, lines }
+    }
+
+    /// The next line, parsed.
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(SOON, self.lines.next_line())
+            .await
+            .expect("watch printed nothing in time")
+            .expect("read stdout")
+            .expect("watch closed stdout");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Skips lines until one with this `event`.
+    async fn next_event(&mut self, event: &str) -> Value {
+        loop {
+            let line = self.next().await;
+            if line["event"] == event {
+                return line;
+            }
+        }
+    }
+
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .expect("watch exits within 5 s of SIGTERM")
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn watch_shows_a_dba_edit_and_survives_a_killed_listener() {
+    let db = TestDb::new().await;
+    db.sql("INSERT INTO users (user_id, username) VALUES (42, 'ann')")
+        .await;
+    let mut watch = Watch::spawn(&db);
+    assert_eq!(watch.next().await["event"], "connected");
+
+    db.sql("UPDATE users SET role = 'admin' WHERE user_id = 42")
+        .await;
+    let changed = watch.next().await;
+    assert_eq!(changed["event"], "changed");
+    assert_eq!(changed["user_id"], 42);
+    assert_eq!(changed["role"], "admin");
+    assert_eq!(changed["op"], "update");
+    assert!(changed["version"].as_i64().unwrap() > 0);
+    assert!(changed["lag_ms"].as_f64().unwrap() >= 0.0);
+
+    assert_eq!(db.kill_listeners().await, 1);
+    assert_eq!(watch.next().await["event"], "disconnected");
+    assert_eq!(
+        watch.next_event("resync").await["reason"],
+        Value::from("reconnect")
+    );
+    assert_eq!(watch.next().await["event"], "connected");
+
+    db.sql("DELETE FROM users WHERE user_id = 42").await;
+    let deleted = watch.next_event("changed").await;
+    assert_eq!(deleted["user_id"], 42);
+    assert_eq!(deleted["role"], Value::Null);
+
+    let status = watch.terminate().await;
+    assert_eq!(status.code(), Some(0));
+}
+
+async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("DATABASE_URL");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    tokio::time::timeout(SOON, command.output())
+        .await
+        .expect("command finished")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_2_with_one_line() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 4] = [
+        (&["watch"], &[("DATABASE_URL", "postgres://h:notaport/db")]),
+        (&["watch"], &[("ROLECACHE_PING_INTERVAL", "soon")]),
+        (&["watch", "--cache-capacity", "0"], &[]),
+        (&["frobnicate"], &[]),
+    ];
+    for (args, env) in cases {
+        let out = run_cli(args, env).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("rolecache: "), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_command_applies_the_schema_once() {
+    let db = TestDb::empty().await;
+    for _ in 0..2 {
+        let out = run_cli(&["migrate"], &[("DATABASE_URL", &db.url())]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(db.role_in_table(1).await.is_none(), "users table exists");
+}
