@@ -2,7 +2,9 @@
 //! real PostgreSQL (see `harness`).
 
 mod harness;
+mod telegram_stub;
 
+mod bot;
 mod propagation;
 mod races;
 mod resilience;

@@ -1,0 +1,1 @@
+//! Role changes from any source reaching the bot.
