@@ -6,7 +6,12 @@
 //! 3. decides with [`rules::decide`] on the roles it just locked — never on a cached role, so a
 //!    caller demoted a moment ago cannot act on the admin role the cache still shows — and
 //! 4. writes the new role(s); the triggers audit and publish them.
+//!
+//! The committed rows are also written into this instance's cache (through the cache's load
+//! path, under its version rule), so the change holds here for the very next message without
+//! waiting for the notification; other instances follow through the listener.
 
+use crate::cache::RoleCache;
 use crate::db::repo::{lock_user, update_role, UserRow};
 use crate::db::{RepoError, Repository};
 use crate::role::{Role, UserId};
@@ -38,38 +43,45 @@ pub struct Done {
 #[tracing::instrument(skip_all, fields(action = ?action, caller = caller, target = %target), err(level = "info"))]
 pub async fn perform(
     repo: &Repository,
+    cache: &RoleCache,
     action: Action,
     caller: UserId,
     target: &Target,
 ) -> Result<Done, ActionError> {
     let target_id = resolve(repo, target).await?;
     let target = target.clone();
-    repo.transact(Some(caller), move |tx| {
-        Box::pin(async move {
-            // Lock in id order: two admins acting on each other at once queue instead of
-            // deadlocking.
-            let (caller_row, target_row) = if caller <= target_id {
-                let c = lock_user(tx, caller).await?;
-                let t = lock_user(tx, target_id).await?;
-                (c, t)
-            } else {
-                let t = lock_user(tx, target_id).await?;
-                let c = lock_user(tx, caller).await?;
-                (c, t)
-            };
-            let caller_row = caller_row.ok_or(ActionError::CallerUnknown)?;
-            let target_row = target_row.ok_or(ActionError::NeverSeen(target))?;
-            let change =
-                rules::decide(action, caller, caller_row.role, target_id, target_row.role)?;
-            let target = update_role(tx, target_id, change.target).await?;
-            let caller = match change.caller {
-                Some(role) => Some(update_role(tx, caller, role).await?),
-                None => None,
-            };
-            Ok(Done { target, caller })
+    let ticket = cache.begin_load();
+    let done = repo
+        .transact(Some(caller), move |tx| {
+            Box::pin(async move {
+                // Lock in id order: two admins acting on each other at once queue instead of
+                // deadlocking.
+                let (caller_row, target_row) = if caller <= target_id {
+                    let c = lock_user(tx, caller).await?;
+                    let t = lock_user(tx, target_id).await?;
+                    (c, t)
+                } else {
+                    let t = lock_user(tx, target_id).await?;
+                    let c = lock_user(tx, caller).await?;
+                    (c, t)
+                };
+                let caller_row = caller_row.ok_or(ActionError::CallerUnknown)?;
+                let target_row = target_row.ok_or(ActionError::NeverSeen(target))?;
+                let change =
+                    rules::decide(action, caller, caller_row.role, target_id, target_row.role)?;
+                let target = update_role(tx, target_id, change.target).await?;
+                let caller = match change.caller {
+                    Some(role) => Some(update_role(tx, caller, role).await?),
+                    None => None,
+                };
+                Ok::<_, ActionError>(Done { target, caller })
+            })
         })
-    })
-    .await
+        .await?;
+    for row in std::iter::once(&done.target).chain(&done.caller) {
+        cache.store_load(row.user_id, row.state(), ticket).await;
+    }
+    Ok(done)
 }
 
 /// The user id behind `target`; someone the bot has seen (a row in `users`).

@@ -133,15 +133,17 @@ pub async fn change_role(
 ) -> HandlerResult {
     let text = match args::parse_target(&args) {
         Err(e) => usage(action.command(), "<user>", e),
-        Ok(target) => match actions::perform(&state.repo, action, caller.id, &target).await {
-            Ok(done) => actions::success_text(action, &done),
-            Err(ActionError::Repo(e)) if e.is_unavailable() => UNAVAILABLE.to_string(),
-            Err(ActionError::Repo(e)) => {
-                tracing::error!(error = %e, "role change failed");
-                "The change failed (database error); nothing was changed.".to_string()
+        Ok(target) => {
+            match actions::perform(&state.repo, &state.cache, action, caller.id, &target).await {
+                Ok(done) => actions::success_text(action, &done),
+                Err(ActionError::Repo(e)) if e.is_unavailable() => UNAVAILABLE.to_string(),
+                Err(ActionError::Repo(e)) => {
+                    tracing::error!(error = %e, "role change failed");
+                    "The change failed (database error); nothing was changed.".to_string()
+                }
+                Err(denied) => denied.to_string(),
             }
-            Err(denied) => denied.to_string(),
-        },
+        }
     };
     reply::send(&bot, msg.chat.id, text).await
 }

@@ -16,6 +16,7 @@ use super::reply::{self, BotError};
 use super::Command;
 use crate::cache::CacheEvent;
 use crate::db::{RepoError, Repository};
+use crate::listener::payload::RowOp;
 use crate::role::{Role, UserId};
 
 /// The commands everyone may use.
@@ -75,6 +76,12 @@ pub async fn follow(bot: Bot, repo: Repository, mut events: broadcast::Receiver<
     let mut set: HashMap<UserId, Option<Role>> = HashMap::new();
     loop {
         match events.recv().await {
+            // A new user starts with the default list: no request per registration.
+            Ok(CacheEvent::Changed {
+                op: RowOp::Insert,
+                role: Some(Role::User),
+                ..
+            }) => {}
             Ok(CacheEvent::Changed { user_id, role, .. }) => {
                 apply(&bot, &mut set, user_id, role).await;
             }

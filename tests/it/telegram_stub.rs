@@ -29,6 +29,8 @@ pub struct Recorded {
     /// Lower case, e.g. `sendmessage`.
     pub method: String,
     pub body: Value,
+    /// Answered with an injected error (see [`StubBot::fail_next`]).
+    pub failed: bool,
 }
 
 impl Recorded {
@@ -50,14 +52,6 @@ impl TgUser {
         TgUser {
             id,
             username: Some(username.to_string()),
-            first_name: format!("User{id}"),
-        }
-    }
-
-    pub fn without_username(id: i64) -> TgUser {
-        TgUser {
-            id,
-            username: None,
             first_name: format!("User{id}"),
         }
     }
@@ -178,6 +172,7 @@ impl TelegramStub {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            // `check` runs under the lock: it must not call back into the stand-in.
             if let Some(found) = check(&self.shared.lock().requests) {
                 return found;
             }
@@ -196,10 +191,6 @@ pub struct StubBot<'a> {
 }
 
 impl StubBot<'_> {
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// `from` writes `text` to the bot in their private chat.
     pub fn send(&self, from: &TgUser, text: &str) -> i64 {
         self.send_in(from.id, from, text)
@@ -294,17 +285,7 @@ impl StubBot<'_> {
 
     /// The command lists set for `chat_id`'s private chat, in order (`None`: deleted).
     pub fn menus_of(&self, chat_id: i64) -> Vec<Option<Vec<String>>> {
-        self.stub
-            .requests()
-            .iter()
-            .filter(|r| r.token == self.token)
-            .filter(|r| as_i64(&r.body["scope"]["chat_id"]) == Some(chat_id))
-            .filter_map(|r| match r.method.as_str() {
-                "setmycommands" => Some(Some(command_names(&r.body))),
-                "deletemycommands" => Some(None),
-                _ => None,
-            })
-            .collect()
+        menus_in(&self.stub.requests(), &self.token, chat_id)
     }
 
     /// Waits until the last command list set for `chat_id` is `commands`.
@@ -312,8 +293,9 @@ impl StubBot<'_> {
         let what = format!("menu of chat {chat_id} to become {commands:?}");
         let want: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
         self.stub
-            .wait_for(SOON, &what, |_| {
-                (self.menus_of(chat_id).last() == Some(&Some(want.clone()))).then_some(())
+            .wait_for(SOON, &what, |requests| {
+                let menus = menus_in(requests, &self.token, chat_id);
+                (menus.last() == Some(&Some(want.clone()))).then_some(())
             })
             .await;
     }
@@ -343,8 +325,22 @@ impl StubBot<'_> {
 fn sent_texts(requests: &[Recorded], token: &str, chat_id: i64) -> Vec<String> {
     requests
         .iter()
-        .filter(|r| r.token == token && r.method == "sendmessage" && r.chat_id() == Some(chat_id))
+        .filter(|r| r.token == token && r.method == "sendmessage" && !r.failed)
+        .filter(|r| r.chat_id() == Some(chat_id))
         .map(|r| r.body["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn menus_in(requests: &[Recorded], token: &str, chat_id: i64) -> Vec<Option<Vec<String>>> {
+    requests
+        .iter()
+        .filter(|r| r.token == token && !r.failed)
+        .filter(|r| as_i64(&r.body["scope"]["chat_id"]) == Some(chat_id))
+        .filter_map(|r| match r.method.as_str() {
+            "setmycommands" => Some(Some(command_names(&r.body))),
+            "deletemycommands" => Some(None),
+            _ => None,
+        })
         .collect()
 }
 
@@ -398,15 +394,16 @@ async fn handle(
     let body = parse_body(&headers, &body);
     {
         let mut stub = shared.lock();
-        stub.requests.push(Recorded {
-            token: token.clone(),
-            method: method.clone(),
-            body: body.clone(),
-        });
         let failure = stub
             .failures
             .get_mut(&(token.clone(), method.clone()))
             .and_then(VecDeque::pop_front);
+        stub.requests.push(Recorded {
+            token: token.clone(),
+            method: method.clone(),
+            body: body.clone(),
+            failed: failure.is_some(),
+        });
         if let Some((status, error)) = failure {
             drop(stub);
             shared.changed.notify_waiters();

@@ -16,6 +16,8 @@ async fn first_message_registers_the_user_and_whoami_answers_two_lines() {
 
     assert_eq!(whoami(&reply), (501, "user".to_string()));
     assert_eq!(world.role(&ann).await.as_deref(), Some("user"));
+    // A new user keeps the default menu: no request per registration.
+    assert!(bot.menus_of(501).is_empty());
     let owner = bot.ask(&world.owner(), "/whoami").await;
     assert_eq!(whoami(&owner), (OWNER, "owner".to_string()));
     // The default scope holds the user commands.

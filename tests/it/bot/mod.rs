@@ -4,6 +4,7 @@
 mod commands;
 mod lifecycle;
 mod propagation;
+mod trouble;
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
