@@ -124,6 +124,7 @@ pub async fn refuse(bot: Bot, msg: Message, caller: Caller, cmd: Command) -> Han
     reply::send(&bot, msg.chat.id, text).await
 }
 
+#[tracing::instrument(skip_all, fields(user_id = caller.id, action = ?action))]
 pub async fn change_role(
     bot: Bot,
     msg: Message,
@@ -148,6 +149,7 @@ pub async fn change_role(
     reply::send(&bot, msg.chat.id, text).await
 }
 
+#[tracing::instrument(skip_all, fields(chat_id = msg.chat.id.0))]
 pub async fn cache_stats(bot: Bot, msg: Message, state: Arc<BotState>) -> HandlerResult {
     state.cache.run_pending_tasks().await;
     let stats = state.cache.stats();
@@ -155,6 +157,7 @@ pub async fn cache_stats(bot: Bot, msg: Message, state: Arc<BotState>) -> Handle
     reply::send(&bot, msg.chat.id, stats_text(&stats, &listener)).await
 }
 
+#[tracing::instrument(skip_all, fields(chat_id = msg.chat.id.0))]
 pub async fn audit(bot: Bot, msg: Message, state: Arc<BotState>, args: String) -> HandlerResult {
     let text = match args::parse_audit_count(&args) {
         Err(e) => usage("/audit", &format!("[n] (n from 1 to {AUDIT_MAX})"), e),

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use teloxide::types::Message;
 
 use super::BotState;
-use crate::cache::Source;
 use crate::db::repo::Registered;
 use crate::db::RepoError;
 use crate::role::{Role, UserId};
@@ -108,9 +107,9 @@ async fn lookup(state: &BotState, id: UserId, username: Option<&str>) -> Result<
             role
         }
         (Some(role), None) => role,
-        // A tombstone: the row was deleted. Register anew (never treat it as a role).
+        // A tombstone (only a cache hit can yield one: the loader always returns a row): the
+        // row was deleted. Register anew; never treat it as a role.
         (None, _) => {
-            debug_assert_eq!(found.source, Source::Cache);
             let ticket = state.cache.begin_load();
             let row = state.repo.register(id, username).await?;
             state.cache.store_load(id, row.user.state(), ticket).await;
