@@ -34,6 +34,11 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// Serve /metrics, /healthz and /readyz (and the bot's webhook) on this address, e.g.
+    /// 0.0.0.0:8080.
+    #[arg(long, env = "ROLECACHE_HTTP_ADDR", global = true)]
+    pub http_addr: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub cache: CacheOptions,
 

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                 tracing::info!(?applied, "database is up to date");
                 Ok(())
             }
-            Command::Watch => watch::run(&pg, &options, shutdown_signal()).await,
+            Command::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
             Command::Bench(args) => bench::run(&pg, &args).await,
         }
     });

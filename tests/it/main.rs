@@ -4,6 +4,7 @@
 mod harness;
 
 mod faults;
+mod http;
 mod propagation;
 mod races;
 mod resilience;
