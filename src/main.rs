@@ -2,20 +2,26 @@
 
 use std::process::ExitCode;
 
-use rolecache::config::{self, Command, EXIT_CONFIG};
+use rolecache::config::{self, Command, DatabaseError, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{bench, db, telemetry, watch};
+use rolecache::{bench, telemetry, watch};
 
 fn main() -> ExitCode {
     let cli = config::parse_or_exit();
     telemetry::init(cli.log_format);
-    let pg = match db::parse_url(&cli.database_url) {
-        Ok(pg) => pg,
-        Err(e) => {
+    let allow_embedded = matches!(cli.command, Command::Watch);
+    let database = match cli.database(allow_embedded) {
+        Ok(database) => database,
+        Err(e @ DatabaseError::InvalidUrl(_)) => {
             eprintln!("rolecache: {e}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
+        Err(e) => {
+            eprintln!("rolecache: error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let pg = database.config.clone();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -35,6 +41,9 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&pg, &args).await,
         }
     });
+    // Stops the private cluster, if one was started, after everything using it has finished.
+    drop(runtime);
+    drop(database);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
