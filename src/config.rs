@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::db::DEFAULT_DATABASE_URL;
+use crate::db::{parse_url, InvalidUrl, DEFAULT_DATABASE_URL};
+use crate::embedded::{ClusterError, PrivateCluster};
 use crate::listener::ListenerConfig;
 use crate::telemetry::LogFormat;
 
@@ -20,9 +21,25 @@ pub const EXIT_CONFIG: i32 = 2;
 )]
 pub struct Cli {
     /// PostgreSQL to use. The listener needs a direct session on the primary (not PgBouncer in
-    /// transaction mode, not a standby).
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true, hide_env_values = true)]
-    pub database_url: String,
+    /// transaction mode, not a standby). Unset: `watch` and the bot start a private cluster in
+    /// --data-dir when PostgreSQL is installed; `migrate` and `bench` use
+    /// postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Data directory of the private cluster used when DATABASE_URL is unset (kept across
+    /// restarts).
+    #[arg(
+        long,
+        env = "ROLECACHE_DATA_DIR",
+        default_value = "./data/postgres",
+        global = true
+    )]
+    pub data_dir: std::path::PathBuf,
+
+    /// Port of that private cluster (127.0.0.1 only).
+    #[arg(long, env = "ROLECACHE_EMBEDDED_PORT", default_value_t = 54320, value_parser = clap::value_parser!(u16).range(1..), global = true)]
+    pub embedded_port: u16,
 
     /// Log output format (filter with RUST_LOG, default info).
     #[arg(
@@ -33,6 +50,11 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+
+    /// Serve /metrics, /healthz and /readyz (and the bot's webhook) on this address, e.g.
+    /// 0.0.0.0:8080.
+    #[arg(long, env = "ROLECACHE_HTTP_ADDR", global = true)]
+    pub http_addr: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub cache: CacheOptions,
@@ -48,11 +70,11 @@ pub struct Cli {
 impl Cli {
     /// The subcommand to run: `run` when none was given.
     pub fn subcommand(&self) -> Command {
-        self.command.unwrap_or(Command::Run)
+        self.command.clone().unwrap_or(Command::Run)
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the Telegram bot with long polling (the default). Needs TELOXIDE_TOKEN.
     Run,
@@ -60,6 +82,65 @@ pub enum Command {
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
     Watch,
+    /// Measure the cache against no cache, a TTL cache and a bare LISTEN client (in a database
+    /// of its own on the server of DATABASE_URL, dropped afterwards).
+    Bench(crate::bench::BenchArgs),
+}
+
+/// The database an instance runs against; holds the private cluster, if one was started, until
+/// dropped (which stops it).
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    pub embedded: Option<PrivateCluster>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// A configuration error (exit code 2).
+    #[error(transparent)]
+    InvalidUrl(#[from] InvalidUrl),
+    #[error("DATABASE_URL is unset and the private cluster in {dir} could not start: {source}")]
+    Embedded {
+        dir: String,
+        #[source]
+        source: ClusterError,
+    },
+}
+
+impl Cli {
+    /// Resolves the database: DATABASE_URL when set; else, when `allow_embedded` and PostgreSQL
+    /// is installed, a private cluster in `--data-dir`; else the local default server.
+    pub fn database(&self, allow_embedded: bool) -> Result<Database, DatabaseError> {
+        if let Some(url) = &self.database_url {
+            return Ok(Database {
+                config: parse_url(url)?,
+                embedded: None,
+            });
+        }
+        if !allow_embedded || PrivateCluster::find_bin_dir().is_none() {
+            return Ok(Database {
+                config: parse_url(DEFAULT_DATABASE_URL)?,
+                embedded: None,
+            });
+        }
+        let cluster =
+            PrivateCluster::start(&self.data_dir, self.embedded_port).map_err(|source| {
+                DatabaseError::Embedded {
+                    dir: self.data_dir.display().to_string(),
+                    source,
+                }
+            })?;
+        let url = cluster.url("postgres");
+        tracing::info!(
+            data_dir = %self.data_dir.display(),
+            %url,
+            "DATABASE_URL is unset: running a private PostgreSQL (stopped on exit; connect with psql {url})"
+        );
+        Ok(Database {
+            config: parse_url(&url)?,
+            embedded: Some(cluster),
+        })
+    }
 }
 
 /// The Telegram side of `rolecache run`. Read from the environment like teloxide's
@@ -257,12 +338,12 @@ mod tests {
     #[test]
     fn no_subcommand_means_run_and_run_needs_a_token() {
         let cli = Cli::try_parse_from(["rolecache"]).unwrap();
-        assert_eq!(cli.subcommand(), Command::Run);
+        assert!(matches!(cli.subcommand(), Command::Run));
         let cli = Cli::try_parse_from(["rolecache", "--token", "1:x", "--owner-id", "7"]).unwrap();
         let run = cli.telegram.run_config().unwrap();
         assert_eq!((run.token.as_str(), run.owner_id), ("1:x", Some(7)));
         let cli = Cli::try_parse_from(["rolecache", "migrate"]).unwrap();
-        assert_eq!(cli.subcommand(), Command::Migrate);
+        assert!(matches!(cli.subcommand(), Command::Migrate));
         assert!(Cli::try_parse_from(["rolecache", "run", "--owner-id", "0"]).is_err());
     }
 

@@ -2,38 +2,24 @@
 
 use std::process::ExitCode;
 
-use rolecache::config::{self, Command, RunConfig, EXIT_CONFIG};
+use rolecache::bench::BenchArgs;
+use rolecache::config::{self, Command, DatabaseError, RunConfig, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{bot, db, telemetry, watch};
+use rolecache::{bench, bot, telemetry, watch};
 
 /// A subcommand with the settings it needs.
 enum Job {
+    Run(RunConfig),
     Migrate,
     Watch,
-    Run(RunConfig),
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = config::parse_or_exit();
     telemetry::init(cli.log_format);
-    let pg = match db::parse_url(&cli.database_url) {
-        Ok(pg) => pg,
-        Err(e) => {
-            eprintln!("rolecache: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rolecache: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     // Settings that only `run` needs are checked before anything starts.
     let job = match cli.subcommand() {
-        Command::Migrate => Job::Migrate,
-        Command::Watch => Job::Watch,
         Command::Run => match cli.telegram.run_config() {
             Ok(run) => Job::Run(run),
             Err(line) => {
@@ -41,19 +27,46 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG as u8);
             }
         },
+        Command::Migrate => Job::Migrate,
+        Command::Watch => Job::Watch,
+        Command::Bench(args) => Job::Bench(args),
+    };
+    let allow_embedded = matches!(job, Job::Watch | Job::Run(_));
+    let database = match cli.database(allow_embedded) {
+        Ok(database) => database,
+        Err(e @ DatabaseError::InvalidUrl(_)) => {
+            eprintln!("rolecache: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+        Err(e) => {
+            eprintln!("rolecache: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pg = database.config.clone();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rolecache: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let options = InstanceOptions::from(&cli.cache);
     let result = runtime.block_on(async {
         match job {
+            Job::Run(run) => bot::run(&pg, &options, &run, cli.http_addr, shutdown_signal()).await,
             Job::Migrate => {
                 let applied = instance::migrate(&pg).await?;
                 tracing::info!(?applied, "database is up to date");
                 Ok(())
             }
-            Job::Watch => watch::run(&pg, &options, shutdown_signal()).await,
-            Job::Run(run) => bot::run(&pg, &options, &run, shutdown_signal()).await,
+            Job::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
+            Job::Bench(args) => bench::run(&pg, &args).await,
         }
     });
+    // Stops the private cluster, if one was started, after everything using it has finished.
+    drop(runtime);
+    drop(database);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

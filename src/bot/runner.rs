@@ -1,7 +1,9 @@
 //! `rolecache run`: start the instance, make OWNER_ID the owner, follow role changes into the
-//! menus, poll Telegram, and stop within a few seconds of SIGINT or SIGTERM.
+//! menus, serve `/metrics` and the health checks when asked, poll Telegram, and stop within a
+//! few seconds of SIGINT or SIGTERM.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ use crate::role::UserId;
 const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a shutdown signal: time for the dispatcher to finish the updates in hand.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
+/// Then: time for the HTTP server (when serving) to finish its requests.
+const HTTP_STOP_LIMIT: Duration = Duration::from_millis(500);
 /// Then: time for the listener and the pool to stop.
 const CLOSE_LIMIT: Duration = Duration::from_millis(1500);
 
@@ -35,6 +39,7 @@ pub async fn run(
     pg: &tokio_postgres::Config,
     options: &InstanceOptions,
     config: &RunConfig,
+    http_addr: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let bot = build_bot(config)?;
@@ -47,6 +52,10 @@ pub async fn run(
             .await
             .with_context(|| format!("cannot make OWNER_ID {owner} the owner"))?;
     }
+    let http = match http_addr {
+        Some(addr) => Some(crate::http::spawn(addr, &instance).await?),
+        None => None,
+    };
     let menus = tokio::spawn(menus::follow(bot.clone(), instance.repo.clone(), events));
     let state = Arc::new(BotState::of(&instance, options.cache_capacity));
     let mut dispatcher = Dispatcher::builder(bot.clone(), schema())
@@ -80,6 +89,14 @@ pub async fn run(
         }
     };
     menus.abort();
+    if let Some(http) = http {
+        if tokio::time::timeout(HTTP_STOP_LIMIT, http.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP server did not stop within {HTTP_STOP_LIMIT:?}");
+        }
+    }
     if tokio::time::timeout(CLOSE_LIMIT, instance.shutdown())
         .await
         .is_err()

@@ -114,6 +114,17 @@ where
     })
 }
 
+/// Logs of the code under test, captured per test (shown for failing tests); `RUST_LOG` filters.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 /// A plain connection (like a DBA's psql session), driven on a task of its own.
 pub async fn connect(config: &tokio_postgres::Config) -> Client {
     let (client, connection) = config.connect(NoTls).await.expect("connect");
@@ -141,6 +152,7 @@ impl TestDb {
 
     /// A fresh database without the schema.
     pub async fn empty() -> TestDb {
+        init_tracing();
         let server = server();
         let name = format!(
             "{DB_PREFIX}{}_{}",
@@ -208,14 +220,15 @@ impl TestDb {
             .map(|r| (r.get(0), r.get(1)))
     }
 
-    /// Terminates this database's listener sessions; returns how many were terminated.
+    /// Terminates this database's listener sessions; returns how many were terminated. Works
+    /// while the database refuses new connections (it runs from the server's `postgres` database).
     pub async fn kill_listeners(&self) -> i64 {
-        self.client()
+        self.admin()
             .await
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = $1",
-                &[&rolecache::listener::APPLICATION_NAME],
+                 WHERE datname = $1 AND application_name = $2",
+                &[&self.name, &rolecache::listener::APPLICATION_NAME],
             )
             .await
             .expect("terminate listeners")

@@ -5,6 +5,8 @@ mod harness;
 mod telegram_stub;
 
 mod bot;
+mod faults;
+mod http;
 mod propagation;
 mod races;
 mod resilience;

@@ -27,7 +27,7 @@ async fn users_activity(world: &World) -> i64 {
 
 /// Backends flush their statistics at most about a second after their last transaction, so a
 /// value is settled once it has not moved for [`SETTLE`].
-const SETTLE: Duration = Duration::from_millis(1500);
+const SETTLE: Duration = Duration::from_millis(2000);
 
 async fn settled_users_activity(world: &World) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -64,30 +64,48 @@ async fn fifty_messages_from_a_cached_user_cost_no_query_on_users() {
     let ann = TgUser::new(901, "ann");
     bot.ask(&ann, "/whoami").await;
     bot.ask(&ann, "/whoami").await;
-    let (hits_before, misses_before) = hits_and_misses(&bot.ask(&owner, "/cache_stats").await);
-    let before = settled_users_activity(&world).await;
+    // A resync (e.g. a listener reconnect on a loaded machine) flushes the cache, and then
+    // reads are expected: such an attempt proves nothing and is repeated.
+    for _attempt in 0..3 {
+        let stats_before = bot.ask(&owner, "/cache_stats").await;
+        let before = settled_users_activity(&world).await;
 
-    for _ in 0..50 {
-        bot.send(&ann, "/whoami");
-    }
-    for _ in 0..50 {
-        assert_eq!(whoami(&bot.reply_to(&ann).await), (901, "user".into()));
-    }
+        for _ in 0..50 {
+            bot.send(&ann, "/whoami");
+        }
+        for _ in 0..50 {
+            assert_eq!(whoami(&bot.reply_to(&ann).await), (901, "user".into()));
+        }
 
-    // The cache's view: 50 hits for ann (and one for the owner), no miss.
-    let (hits, misses) = hits_and_misses(&bot.ask(&owner, "/cache_stats").await);
-    assert_eq!(misses, misses_before);
-    assert_eq!(hits, hits_before + 51);
-    // The database's view: `users` was neither read nor written.
-    assert_eq!(settled_users_activity(&world).await, before);
-    // And the statistics do move when a message does need the database (a new user).
-    bot.ask(&TgUser::new(902, "bob"), "/whoami").await;
-    crate::harness::eventually(
-        Duration::from_secs(10),
-        "users activity visible",
-        || async { users_activity(&world).await > before },
-    )
-    .await;
+        let stats_after = bot.ask(&owner, "/cache_stats").await;
+        let after = settled_users_activity(&world).await;
+        if line(&stats_before, "resyncs:") != line(&stats_after, "resyncs:") {
+            eprintln!("the cache resynced during the measurement; measuring again");
+            continue;
+        }
+        // The cache's view: 50 hits for ann (and one for the owner), no miss.
+        let (hits_before, misses_before) = hits_and_misses(&stats_before);
+        let (hits, misses) = hits_and_misses(&stats_after);
+        let context = format!("before:\n{stats_before}\nafter:\n{stats_after}");
+        assert_eq!(misses, misses_before, "{context}");
+        assert_eq!(hits, hits_before + 51, "{context}");
+        // The database's view: `users` was neither read nor written.
+        assert_eq!(after, before, "users activity moved; {context}");
+        // And the statistics do move when a message does need the database (a new user).
+        bot.ask(&TgUser::new(902, "bob"), "/whoami").await;
+        crate::harness::eventually(
+            Duration::from_secs(10),
+            "users activity visible",
+            || async { users_activity(&world).await > before },
+        )
+        .await;
+        return;
+    }
+    panic!("the cache resynced during every attempt");
+}
+
+fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(prefix))
 }
 
 #[tokio::test]

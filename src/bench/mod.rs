@@ -1,0 +1,338 @@
+//! `rolecache bench`: the event-driven cache against no cache, a TTL cache and a bare LISTEN
+//! client, side by side in one run, in a database of its own (dropped afterwards).
+//!
+//! Sections: `lookup` (throughput, latency, queries, staleness under a steady trickle of SQL
+//! role changes), `propagation` (commit → applied), `bulk` (one UPDATE of many rows),
+//! `memory` (bytes per cached user). See docs/BENCHMARKS.md for the method and the numbers.
+
+pub mod lookup;
+pub mod memory;
+pub mod propagation;
+pub mod stats;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use crate::cache::RoleCache;
+use crate::instance::{Instance, InstanceOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Lookup,
+    Propagation,
+    Bulk,
+    Memory,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A smoke run that finishes in under a minute (CI); figures are indicative only.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Sections to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lookup,propagation,bulk,memory"
+    )]
+    pub sections: Vec<Section>,
+    /// Internal: fill one cache and print bytes per entry (used by the memory section).
+    #[arg(long, value_enum, hide = true)]
+    pub memory_probe: Option<memory::Probe>,
+    #[arg(long, hide = true, default_value_t = 1_000_000)]
+    pub memory_users: usize,
+}
+
+/// Every figure of one run.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub quick: bool,
+    pub optimized_build: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<Vec<lookup::StrategyResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<propagation::PropagationResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<Vec<propagation::BulkResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<memory::MemoryResult>,
+}
+
+/// The benchmark's own database on the server of `DATABASE_URL`.
+pub struct BenchDb {
+    admin: tokio_postgres::Config,
+    config: tokio_postgres::Config,
+    name: String,
+}
+
+impl BenchDb {
+    async fn create(server: &tokio_postgres::Config) -> anyhow::Result<BenchDb> {
+        let name = format!("rolecache_bench_{}", std::process::id());
+        let admin = server.clone();
+        let client = connect(&admin).await?;
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .context("create the benchmark database")?;
+        let mut config = server.clone();
+        config.dbname(&name);
+        crate::instance::migrate(&config).await?;
+        Ok(BenchDb {
+            admin,
+            config,
+            name,
+        })
+    }
+
+    async fn drop_database(self) -> anyhow::Result<()> {
+        connect(&self.admin)
+            .await?
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .context("drop the benchmark database")
+    }
+
+    pub fn pool(&self, size: usize) -> deadpool_postgres::Pool {
+        crate::db::pool(&self.config, size)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
+        connect(&self.config).await
+    }
+
+    pub async fn instance(&self) -> anyhow::Result<Instance> {
+        let options = InstanceOptions {
+            pool_size: 8,
+            ..InstanceOptions::default()
+        };
+        let instance = Instance::start(
+            &self.config,
+            &options,
+            RoleCache::new(options.cache_capacity),
+        )
+        .await?;
+        anyhow::ensure!(
+            instance.wait_synced(Duration::from_secs(10)).await,
+            "the listener did not sync: {:?}",
+            instance.listener.state()
+        );
+        Ok(instance)
+    }
+
+    /// Replaces the users with `n` users, mostly `user`, some `admin` and `banned`.
+    pub async fn seed_users(&self, n: usize) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client.batch_execute("DELETE FROM users").await?;
+        client
+            .execute(
+                "INSERT INTO users (user_id, role)
+                 SELECT g, CASE WHEN g % 50 = 0 THEN 'admin' WHEN g % 70 = 0 THEN 'banned'
+                                ELSE 'user' END
+                 FROM generate_series(1, $1::bigint) g",
+                &[&(n as i64)],
+            )
+            .await
+            .context("seed users")?;
+        Ok(())
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config.connect(NoTls).await.context("connect")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Runs the benchmark (or a memory probe) and prints its report.
+pub async fn run(server: &tokio_postgres::Config, args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(probe) = args.memory_probe {
+        println!("{:.1}", memory::probe(probe, args.memory_users).await?);
+        return Ok(());
+    }
+    let optimized_build = !cfg!(debug_assertions);
+    if !optimized_build {
+        tracing::warn!(
+            "benchmarking a debug build: run `cargo run --release -- bench` for real figures"
+        );
+    }
+    let db = BenchDb::create(server).await?;
+    let result = run_sections(&db, args).await;
+    let dropped = db.drop_database().await;
+    let mut report = result?;
+    dropped?;
+    report.quick = args.quick;
+    report.optimized_build = optimized_build;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+async fn run_sections(db: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> {
+    let quick = args.quick;
+    let users = if quick { 10_000 } else { 100_000 };
+    let mut report = Report::default();
+    for section in &args.sections {
+        match section {
+            Section::Lookup => {
+                let config = lookup::LookupConfig {
+                    users,
+                    tasks: 4,
+                    warmup: Duration::from_millis(if quick { 500 } else { 2_000 }),
+                    duration: Duration::from_secs(if quick { 2 } else { 10 }),
+                    write_interval: Duration::from_millis(10),
+                };
+                report.lookup = Some(lookup::run(db, &config).await?);
+            }
+            Section::Propagation => {
+                db.seed_users(users).await?;
+                let changes = if quick { 100 } else { 1_000 };
+                report.propagation = Some(propagation::propagation(db, users, changes).await?);
+            }
+            Section::Bulk => {
+                let rows = if quick { 20_000 } else { 100_000 };
+                report.bulk = Some(vec![
+                    propagation::bulk(db, rows, false).await?,
+                    propagation::bulk(db, rows, true).await?,
+                ]);
+            }
+            Section::Memory => {
+                let users = if quick { 100_000 } else { 1_000_000 };
+                report.memory = Some(memory::run(users).await?);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The report as plain-text tables.
+pub fn render(report: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "rolecache bench{}{}",
+        if report.quick { " --quick" } else { "" },
+        if report.optimized_build {
+            ""
+        } else {
+            " (debug build: figures are not representative)"
+        }
+    );
+    if let Some(rows) = &report.lookup {
+        let _ = writeln!(
+            out,
+            "\nlookup (Zipf 1.0 keys, 4 tasks, one SQL role change per 10 ms)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<9} {:>12} {:>9} {:>9} {:>12} {:>9} {:>7} {:>13}",
+            "strategy",
+            "lookups/s",
+            "p50 ns",
+            "p99 ns",
+            "db q / 1k",
+            "hit rate",
+            "stale",
+            "max stale ms"
+        );
+        for r in rows {
+            let _ = writeln!(
+                out,
+                "{:<9} {:>12.0} {:>9} {:>9} {:>12.3} {:>9.4} {:>7} {:>13.1}",
+                r.strategy,
+                r.lookups_per_s,
+                r.p50_ns,
+                r.p99_ns,
+                r.db_queries_per_1k,
+                r.hit_rate,
+                r.stale_reads,
+                r.max_staleness_ms
+            );
+        }
+        let by = |name: &str| rows.iter().find(|r| r.strategy == name);
+        if let (Some(event), Some(none)) = (by("event"), by("no_cache")) {
+            let _ = writeln!(
+                out,
+                "event / no_cache lookups/s: {:.0}x",
+                event.lookups_per_s / none.lookups_per_s.max(1e-9)
+            );
+        }
+    }
+    if let Some(p) = &report.propagation {
+        let _ = writeln!(
+            out,
+            "\npropagation ({} single-row changes; µs from sending the commit)",
+            p.changes
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9} {:>9} {:>9}",
+            "", "p50 us", "p99 us", "max us"
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9.0} {:>9.0} {:>9.0}",
+            "cache", p.p50_us, p.p99_us, p.max_us
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9.0} {:>9.0} {:>9.0}",
+            "raw LISTEN", p.raw_p50_us, p.raw_p99_us, p.raw_max_us
+        );
+        let _ = writeln!(
+            out,
+            "cache p99 - raw p99: {:.0} us",
+            p.p99_us - p.raw_p99_us
+        );
+    }
+    if let Some(rows) = &report.bulk {
+        let _ = writeln!(out, "\nbulk (one UPDATE of every role)");
+        let _ = writeln!(
+            out,
+            "{:<8} {:>8} {:>14} {:>13} {:>13} {:>7}",
+            "mode", "rows", "notifications", "converged ms", "raw drain ms", "ratio"
+        );
+        for b in rows {
+            // One marker drains in no measurable time; a ratio to it would mean nothing.
+            let ratio = if b.raw_drain_ms >= 0.01 {
+                format!("{:.2}", b.converged_ms / b.raw_drain_ms)
+            } else {
+                "-".to_string()
+            };
+            let _ = writeln!(
+                out,
+                "{:<8} {:>8} {:>14} {:>13.3} {:>13.3} {:>7}",
+                b.mode, b.rows, b.notifications, b.converged_ms, b.raw_drain_ms, ratio
+            );
+        }
+    }
+    if let Some(m) = &report.memory {
+        let _ = writeln!(out, "\nmemory ({} cached users)", m.users);
+        let _ = writeln!(
+            out,
+            "bytes/user {:.0}, bare moka {:.0}, ratio {:.2}",
+            m.bytes_per_user,
+            m.raw_bytes_per_user,
+            m.bytes_per_user / m.raw_bytes_per_user.max(1e-9)
+        );
+    }
+    out
+}
