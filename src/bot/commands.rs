@@ -163,7 +163,7 @@ pub async fn audit(bot: Bot, msg: Message, state: Arc<BotState>, args: String) -
         Err(e) => usage("/audit", &format!("[n] (n from 1 to {AUDIT_MAX})"), e),
         Ok(n) => match state.repo.recent_audit(n).await {
             Ok(rows) if rows.is_empty() => "No role changes yet.".to_string(),
-            Ok(rows) => rows.iter().map(audit_line).collect::<Vec<_>>().join("\n"),
+            Ok(rows) => fit_message(rows.iter().map(audit_line)),
             Err(e) if e.is_unavailable() => UNAVAILABLE.to_string(),
             Err(e) => return Err(e.into()),
         },
@@ -184,6 +184,28 @@ pub async fn not_a_command(bot: Bot, msg: Message) -> HandlerResult {
         _ => "I only understand commands; /help lists yours.".to_string(),
     };
     reply::send(&bot, msg.chat.id, text).await
+}
+
+/// Longest message Telegram accepts, in UTF-16 code units (counted in chars here, which is
+/// never more).
+const MAX_MESSAGE: usize = 4096;
+
+/// Joins lines into one message, dropping the ones that would not fit.
+fn fit_message(lines: impl Iterator<Item = String>) -> String {
+    const MORE: &str = "… (more rows not shown; ask for fewer)";
+    let mut text = String::new();
+    let mut used = 0;
+    for line in lines {
+        let len = line.chars().count() + 1;
+        if used + len + MORE.chars().count() > MAX_MESSAGE {
+            text.push_str(MORE);
+            break;
+        }
+        text.push_str(&line);
+        text.push('\n');
+        used += len;
+    }
+    text.trim_end().to_string()
 }
 
 /// `Usage: /ban <user> (...)`, with what was wrong.
@@ -323,6 +345,17 @@ mod tests {
         assert_eq!(utc(t), "2000-02-29 01:02:03 UTC");
         let t = UNIX_EPOCH + Duration::from_secs(1_735_689_599); // last second of 2024
         assert_eq!(utc(t), "2024-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn long_audits_are_cut_to_one_telegram_message() {
+        let text = fit_message((0..200).map(|i| format!("{i} {}", "x".repeat(60))));
+        assert!(text.chars().count() <= MAX_MESSAGE);
+        assert!(text.ends_with("ask for fewer)"));
+        assert_eq!(
+            fit_message(["a".to_string(), "b".to_string()].into_iter()),
+            "a\nb"
+        );
     }
 
     #[test]
