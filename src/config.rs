@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::db::DEFAULT_DATABASE_URL;
+use crate::db::{parse_url, InvalidUrl, DEFAULT_DATABASE_URL};
+use crate::embedded::{ClusterError, PrivateCluster};
 use crate::listener::ListenerConfig;
 use crate::telemetry::LogFormat;
 
@@ -20,9 +21,25 @@ pub const EXIT_CONFIG: i32 = 2;
 )]
 pub struct Cli {
     /// PostgreSQL to use. The listener needs a direct session on the primary (not PgBouncer in
-    /// transaction mode, not a standby).
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true, hide_env_values = true)]
-    pub database_url: String,
+    /// transaction mode, not a standby). Unset: `watch` and the bot start a private cluster in
+    /// --data-dir when PostgreSQL is installed; `migrate` and `bench` use
+    /// postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Data directory of the private cluster used when DATABASE_URL is unset (kept across
+    /// restarts).
+    #[arg(
+        long,
+        env = "ROLECACHE_DATA_DIR",
+        default_value = "./data/postgres",
+        global = true
+    )]
+    pub data_dir: std::path::PathBuf,
+
+    /// Port of that private cluster (127.0.0.1 only).
+    #[arg(long, env = "ROLECACHE_EMBEDDED_PORT", default_value_t = 54320, value_parser = clap::value_parser!(u16).range(1..), global = true)]
+    pub embedded_port: u16,
 
     /// Log output format (filter with RUST_LOG, default info).
     #[arg(
@@ -34,15 +51,33 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// Serve /metrics, /healthz and /readyz (and the bot's webhook) on this address, e.g.
+    /// 0.0.0.0:8080.
+    #[arg(long, env = "ROLECACHE_HTTP_ADDR", global = true)]
+    pub http_addr: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub cache: CacheOptions,
 
+    #[command(flatten)]
+    pub telegram: TelegramOptions,
+
+    /// What to run; `run` (the bot) when none is given.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
-#[derive(Debug, Subcommand)]
+impl Cli {
+    /// The subcommand to run: `run` when none was given.
+    pub fn subcommand(&self) -> Command {
+        self.command.clone().unwrap_or(Command::Run)
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
+    /// Run the Telegram bot with long polling (the default). Needs TELOXIDE_TOKEN.
+    Run,
     /// Apply the schema migrations in sql/ (also done by `watch` at start). Re-running is a no-op.
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
@@ -50,6 +85,125 @@ pub enum Command {
     /// Measure the cache against no cache, a TTL cache and a bare LISTEN client (in a database
     /// of its own on the server of DATABASE_URL, dropped afterwards).
     Bench(crate::bench::BenchArgs),
+}
+
+/// The database an instance runs against; holds the private cluster, if one was started, until
+/// dropped (which stops it).
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    pub embedded: Option<PrivateCluster>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// A configuration error (exit code 2).
+    #[error(transparent)]
+    InvalidUrl(#[from] InvalidUrl),
+    #[error("DATABASE_URL is unset and the private cluster in {dir} could not start: {source}")]
+    Embedded {
+        dir: String,
+        #[source]
+        source: ClusterError,
+    },
+}
+
+impl Cli {
+    /// Resolves the database: DATABASE_URL when set; else, when `allow_embedded` and PostgreSQL
+    /// is installed, a private cluster in `--data-dir`; else the local default server.
+    pub fn database(&self, allow_embedded: bool) -> Result<Database, DatabaseError> {
+        if let Some(url) = &self.database_url {
+            return Ok(Database {
+                config: parse_url(url)?,
+                embedded: None,
+            });
+        }
+        if !allow_embedded || PrivateCluster::find_bin_dir().is_none() {
+            return Ok(Database {
+                config: parse_url(DEFAULT_DATABASE_URL)?,
+                embedded: None,
+            });
+        }
+        let cluster =
+            PrivateCluster::start(&self.data_dir, self.embedded_port).map_err(|source| {
+                DatabaseError::Embedded {
+                    dir: self.data_dir.display().to_string(),
+                    source,
+                }
+            })?;
+        let url = cluster.url("postgres");
+        tracing::info!(
+            data_dir = %self.data_dir.display(),
+            %url,
+            "DATABASE_URL is unset: running a private PostgreSQL (stopped on exit; connect with psql {url})"
+        );
+        Ok(Database {
+            config: parse_url(&url)?,
+            embedded: Some(cluster),
+        })
+    }
+}
+
+/// The Telegram side of `rolecache run`. Read from the environment like teloxide's
+/// `Bot::from_env` does, but validated here so that a bad value is one line and exit code 2
+/// instead of a panic inside teloxide.
+#[derive(Debug, Clone, Args)]
+pub struct TelegramOptions {
+    /// The bot token from @BotFather (required by `run`).
+    #[arg(long = "token", env = "TELOXIDE_TOKEN", global = true, hide_env_values = true, value_parser = parse_token)]
+    pub token: Option<String>,
+
+    /// A Bot API server other than api.telegram.org (a local Bot API server, or a test stand-in).
+    #[arg(long, env = "TELOXIDE_API_URL", global = true, value_parser = parse_api_url)]
+    pub api_url: Option<String>,
+
+    /// This Telegram user is made owner at start (idempotent).
+    #[arg(long, env = "OWNER_ID", global = true, value_parser = clap::value_parser!(i64).range(1..))]
+    pub owner_id: Option<i64>,
+}
+
+/// What `rolecache run` needs, once the token is known to be present.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub token: String,
+    pub api_url: Option<String>,
+    pub owner_id: Option<i64>,
+}
+
+impl TelegramOptions {
+    /// The settings of `run`, or the one line to print when the token is missing.
+    pub fn run_config(&self) -> Result<RunConfig, String> {
+        let token = self.token.clone().ok_or_else(|| {
+            "TELOXIDE_TOKEN is not set: the bot needs its token from @BotFather \
+             (or pass --token)"
+                .to_string()
+        })?;
+        Ok(RunConfig {
+            token,
+            api_url: self.api_url.clone(),
+            owner_id: self.owner_id,
+        })
+    }
+}
+
+fn parse_token(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err("the bot token must be one word without '/' (like 123456:ABC-DEF)".into());
+    }
+    Ok(token.to_string())
+}
+
+/// An absolute http(s) URL, without the trailing slash (as teloxide's `Bot::from_env` strips it).
+fn parse_api_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(url.to_string())
 }
 
 /// Tuning of the cache and the listener.
@@ -156,6 +310,41 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn api_urls_and_tokens() {
+        assert_eq!(
+            parse_api_url("http://127.0.0.1:8081/"),
+            Ok("http://127.0.0.1:8081".to_string())
+        );
+        assert!(parse_api_url("https://example.com/tba").is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:80",
+            "ftp://x",
+            "http://",
+            "http:///x",
+            "mailto:me",
+        ] {
+            assert!(parse_api_url(bad).is_err(), "accepted {bad:?}");
+        }
+        assert!(parse_token("123:abc").is_ok());
+        for bad in ["", "  ", "a b", "a/b"] {
+            assert!(parse_token(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn no_subcommand_means_run_and_run_needs_a_token() {
+        let cli = Cli::try_parse_from(["rolecache"]).unwrap();
+        assert!(matches!(cli.subcommand(), Command::Run));
+        let cli = Cli::try_parse_from(["rolecache", "--token", "1:x", "--owner-id", "7"]).unwrap();
+        let run = cli.telegram.run_config().unwrap();
+        assert_eq!((run.token.as_str(), run.owner_id), ("1:x", Some(7)));
+        let cli = Cli::try_parse_from(["rolecache", "migrate"]).unwrap();
+        assert!(matches!(cli.subcommand(), Command::Migrate));
+        assert!(Cli::try_parse_from(["rolecache", "run", "--owner-id", "0"]).is_err());
     }
 
     #[test]

@@ -84,6 +84,11 @@ impl PrivateCluster {
             None
         };
         let port = if port == 0 { free_port()? } else { port };
+        // pg_ctl runs from `/`: the data directory must be absolute.
+        let data_dir = &std::path::absolute(data_dir).map_err(|e| ClusterError::Step {
+            step: "resolve data directory",
+            detail: e.to_string(),
+        })?;
         // Socket and log live beside the data directory, in a directory the server user owns.
         let socket_dir = data_dir.with_extension("run");
         let mut cluster = PrivateCluster {
@@ -109,6 +114,19 @@ impl PrivateCluster {
                     "UTF8",
                     "--no-sync",
                 ],
+            )?;
+        }
+        // A server left running on this directory (our process was killed): stop it, then
+        // start it with our settings.
+        let data = cluster.data_dir.to_string_lossy().into_owned();
+        if cluster
+            .run("pg_ctl status", "pg_ctl", &["-D", &data, "status"])
+            .is_ok()
+        {
+            cluster.run(
+                "pg_ctl stop",
+                "pg_ctl",
+                &["-D", &data, "-m", "fast", "-w", "stop"],
             )?;
         }
         cluster.start_server()?;

@@ -13,17 +13,22 @@
 //!   the trigger check live beside it.
 //! * [`db`] — connection settings, the pool, the migration runner and the `Repository`.
 //! * [`instance`] — one running instance: migrations, pool, cache and listener together.
+//! * [`bot`] — `rolecache run`: the Telegram bot (teloxide) on top of an instance: the handler
+//!   tree, the role middleware, the commands and the per-chat command menus.
 //! * [`watch`] — `rolecache watch`: the cache's events as JSON lines, for DBAs and tests.
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
+//! * [`http`] — `/metrics`, `/healthz`, `/readyz` (and the bot's webhook) over HTTP.
 //! * [`telemetry`] — logging setup.
 //! * [`bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
 
 pub mod bench;
+pub mod bot;
 pub mod cache;
 pub mod config;
 pub mod db;
 pub mod embedded;
+pub mod http;
 pub mod instance;
 pub mod listener;
 pub mod role;

@@ -2,20 +2,48 @@
 
 use std::process::ExitCode;
 
-use rolecache::config::{self, Command, EXIT_CONFIG};
+use rolecache::bench::BenchArgs;
+use rolecache::config::{self, Command, DatabaseError, RunConfig, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{bench, db, telemetry, watch};
+use rolecache::{bench, bot, telemetry, watch};
+
+/// A subcommand with the settings it needs.
+enum Job {
+    Run(RunConfig),
+    Migrate,
+    Watch,
+    Bench(BenchArgs),
+}
 
 fn main() -> ExitCode {
     let cli = config::parse_or_exit();
     telemetry::init(cli.log_format);
-    let pg = match db::parse_url(&cli.database_url) {
-        Ok(pg) => pg,
-        Err(e) => {
+    // Settings that only `run` needs are checked before anything starts.
+    let job = match cli.subcommand() {
+        Command::Run => match cli.telegram.run_config() {
+            Ok(run) => Job::Run(run),
+            Err(line) => {
+                eprintln!("rolecache: {line}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
+        Command::Migrate => Job::Migrate,
+        Command::Watch => Job::Watch,
+        Command::Bench(args) => Job::Bench(args),
+    };
+    let allow_embedded = matches!(job, Job::Watch | Job::Run(_));
+    let database = match cli.database(allow_embedded) {
+        Ok(database) => database,
+        Err(e @ DatabaseError::InvalidUrl(_)) => {
             eprintln!("rolecache: {e}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
+        Err(e) => {
+            eprintln!("rolecache: error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let pg = database.config.clone();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -25,16 +53,20 @@ fn main() -> ExitCode {
     };
     let options = InstanceOptions::from(&cli.cache);
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Migrate => {
+        match job {
+            Job::Run(run) => bot::run(&pg, &options, &run, cli.http_addr, shutdown_signal()).await,
+            Job::Migrate => {
                 let applied = instance::migrate(&pg).await?;
                 tracing::info!(?applied, "database is up to date");
                 Ok(())
             }
-            Command::Watch => watch::run(&pg, &options, shutdown_signal()).await,
-            Command::Bench(args) => bench::run(&pg, &args).await,
+            Job::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
+            Job::Bench(args) => bench::run(&pg, &args).await,
         }
     });
+    // Stops the private cluster, if one was started, after everything using it has finished.
+    drop(runtime);
+    drop(database);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

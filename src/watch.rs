@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::io::Write;
+use std::net::SocketAddr;
 
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -40,15 +41,21 @@ pub fn event_json(event: &CacheEvent) -> serde_json::Value {
     }
 }
 
-/// Runs until `shutdown` completes or stdout is closed.
+/// Runs until `shutdown` completes or stdout is closed; serves `/metrics`, `/healthz` and
+/// `/readyz` on `http_addr` when given.
 pub async fn run(
     pg: &tokio_postgres::Config,
     options: &InstanceOptions,
+    http_addr: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cache = RoleCache::new(options.cache_capacity);
     let mut events = cache.subscribe();
     let instance = Instance::start(pg, options, cache).await?;
+    let http = match http_addr {
+        Some(addr) => Some(crate::http::spawn(addr, &instance).await?),
+        None => None,
+    };
     tokio::pin!(shutdown);
     let mut stdout = std::io::stdout();
     loop {
@@ -73,6 +80,9 @@ pub async fn run(
         {
             break;
         }
+    }
+    if let Some(http) = http {
+        http.stop().await;
     }
     instance.shutdown().await;
     Ok(())

@@ -220,14 +220,15 @@ impl TestDb {
             .map(|r| (r.get(0), r.get(1)))
     }
 
-    /// Terminates this database's listener sessions; returns how many were terminated.
+    /// Terminates this database's listener sessions; returns how many were terminated. Works
+    /// while the database refuses new connections (it runs from the server's `postgres` database).
     pub async fn kill_listeners(&self) -> i64 {
-        self.client()
+        self.admin()
             .await
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = $1",
-                &[&rolecache::listener::APPLICATION_NAME],
+                 WHERE datname = $1 AND application_name = $2",
+                &[&self.name, &rolecache::listener::APPLICATION_NAME],
             )
             .await
             .expect("terminate listeners")

@@ -2,9 +2,12 @@
 //! real PostgreSQL (see `harness`).
 
 mod harness;
+mod telegram_stub;
 
+mod bot;
 mod faults;
 mod flood;
+mod http;
 mod propagation;
 mod properties;
 mod races;

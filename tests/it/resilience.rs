@@ -326,7 +326,7 @@ async fn change_committed_while_the_listener_is_away_is_seen_after_reconnect() {
         ))
         .await
         .unwrap();
-    assert_eq!(db_kill(&dba).await, 1);
+    assert_eq!(db.kill_listeners().await, 1);
     assert!(
         instance
             .listener
@@ -362,16 +362,4 @@ async fn change_committed_while_the_listener_is_away_is_seen_after_reconnect() {
     );
     assert_eq!(resyncs(&instance, ResyncReason::Reconnect), 1);
     instance.shutdown().await;
-}
-
-async fn db_kill(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = $1",
-            &[&rolecache::listener::APPLICATION_NAME],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }

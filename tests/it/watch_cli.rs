@@ -19,9 +19,16 @@ struct Watch {
 
 impl Watch {
     fn spawn(db: &TestDb) -> Watch {
-        let mut child = Command::new(BIN)
-            .arg("watch")
-            .env("DATABASE_URL", db.url())
+        Watch::spawn_with(&[("DATABASE_URL", &db.url())])
+    }
+
+    fn spawn_with(env: &[(&str, &str)]) -> Watch {
+        let mut command = Command::new(BIN);
+        command.arg("watch").env_remove("DATABASE_URL");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
             .env("ROLECACHE_PING_INTERVAL", "500ms")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -35,7 +42,11 @@ impl Watch {
 
     /// The next line, parsed.
     async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(SOON, self.lines.next_line())
+        self.next_within(SOON).await
+    }
+
+    async fn next_within(&mut self, limit: Duration) -> Value {
+        let line = tokio::time::timeout(limit, self.lines.next_line())
             .await
             .expect("watch printed nothing in time")
             .expect("read stdout")
@@ -141,4 +152,56 @@ async fn migrate_command_applies_the_schema_once() {
         );
     }
     assert!(db.role_in_table(1).await.is_none(), "users table exists");
+}
+
+#[tokio::test]
+async fn without_database_url_watch_runs_a_private_cluster_kept_across_restarts() {
+    let dir = std::env::temp_dir().join(format!("rolecache-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.join("pg");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let env = [
+        ("ROLECACHE_DATA_DIR", data_dir.to_str().unwrap()),
+        ("ROLECACHE_EMBEDDED_PORT", port.as_str()),
+    ];
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let config = rolecache::db::parse_url(&url).unwrap();
+
+    let mut watch = Watch::spawn_with(&env);
+    // The first start runs initdb.
+    assert_eq!(
+        watch.next_within(Duration::from_secs(60)).await["event"],
+        "connected"
+    );
+    crate::harness::connect(&config)
+        .await
+        .batch_execute("INSERT INTO users (user_id, role) VALUES (9, 'admin')")
+        .await
+        .unwrap();
+    assert_eq!(watch.next().await["user_id"], 9);
+    assert_eq!(watch.terminate().await.code(), Some(0));
+    assert!(
+        !data_dir.join("postmaster.pid").exists(),
+        "the private cluster was not stopped"
+    );
+
+    let mut again = Watch::spawn_with(&env);
+    assert_eq!(
+        again.next_within(Duration::from_secs(30)).await["event"],
+        "connected"
+    );
+    let role: String = crate::harness::connect(&config)
+        .await
+        .query_one("SELECT role FROM users WHERE user_id = 9", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(role, "admin", "data kept across restarts");
+    assert_eq!(again.terminate().await.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,146 @@
+//! The Telegram bot (`rolecache run`): a teloxide dispatcher with long polling on top of an
+//! [`Instance`](crate::instance::Instance).
+//!
+//! * [`schema`] — the handler tree: the role middleware, access checks as filters, then one
+//!   endpoint per command.
+//! * [`middleware`] — the sender's role from the cache (the database on a miss, registering a
+//!   new user in the same statement) as the [`Caller`] dependency.
+//! * [`commands`] — the command enum and one short handler per command.
+//! * [`actions`] — role changes: one transaction that locks caller and target and decides with
+//!   [`rules::decide`] on the roles it locked.
+//! * [`menus`] — per-chat command lists that follow role changes from any source.
+//! * [`args`] — argument parsing; [`reply`] — sending replies and handling Telegram errors.
+//! * [`run`](run()) — start, poll, and shut down on SIGINT/SIGTERM.
+
+pub mod actions;
+pub mod args;
+pub mod commands;
+pub mod menus;
+pub mod middleware;
+pub mod reply;
+pub mod rules;
+mod runner;
+
+use std::sync::Arc;
+
+use teloxide::dispatching::{DpHandlerDescription, HandlerExt, UpdateFilterExt, UpdateHandler};
+use teloxide::prelude::*;
+use tokio::sync::watch;
+
+use crate::cache::RoleCache;
+use crate::db::Repository;
+use crate::instance::Instance;
+use crate::listener::{ListenerState, ListenerStats};
+use crate::role::UserId;
+
+pub use commands::Command;
+pub use middleware::{Access, Caller};
+pub use reply::BotError;
+pub use runner::{ensure_owner, run};
+
+/// What every handler shares (the `Arc<BotState>` dependency).
+pub struct BotState {
+    pub repo: Repository,
+    pub cache: RoleCache,
+    pub listener_state: watch::Receiver<ListenerState>,
+    pub listener_stats: Arc<ListenerStats>,
+    /// The username last stored for each user, so that an unchanged one costs no query.
+    usernames: moka::future::Cache<UserId, Option<String>>,
+}
+
+impl BotState {
+    pub fn new(
+        repo: Repository,
+        cache: RoleCache,
+        listener_state: watch::Receiver<ListenerState>,
+        listener_stats: Arc<ListenerStats>,
+        capacity: u64,
+    ) -> Self {
+        BotState {
+            repo,
+            cache,
+            listener_state,
+            listener_stats,
+            usernames: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .build(),
+        }
+    }
+
+    pub fn of(instance: &Instance, capacity: u64) -> Self {
+        BotState::new(
+            instance.repo.clone(),
+            instance.cache.clone(),
+            instance.listener.state_receiver(),
+            instance.listener.stats().clone(),
+            capacity,
+        )
+    }
+
+    /// Records the username the database holds for `id`.
+    async fn remember_username(&self, id: UserId, stored: Option<String>) {
+        self.usernames.insert(id, stored).await;
+    }
+
+    /// Writes `seen` when it differs from the last stored username (or that is not known).
+    async fn store_username_if_changed(&self, id: UserId, seen: Option<&str>) {
+        if let Some(stored) = self.usernames.get(&id).await {
+            if stored.as_deref() == seen {
+                return;
+            }
+        }
+        match self.repo.update_username(id, seen).await {
+            Ok(_) => {
+                self.usernames.insert(id, seen.map(str::to_string)).await;
+            }
+            Err(e) => tracing::warn!(user_id = id, error = %e, "could not store a username"),
+        }
+    }
+}
+
+/// The handler tree. Pure: `Dispatcher::builder(bot, schema())` with an `Arc<BotState>`
+/// dependency runs it.
+pub fn schema() -> UpdateHandler<BotError> {
+    Update::filter_message()
+        .filter_map_async(middleware::identify)
+        .branch(command_tree())
+        .branch(dptree::endpoint(commands::not_a_command))
+}
+
+fn command_tree() -> dptree::Handler<'static, Result<(), BotError>, DpHandlerDescription> {
+    use dptree::case;
+    dptree::entry()
+        .filter_command::<Command>()
+        .branch(case![Command::Start].endpoint(commands::start))
+        .branch(case![Command::Help].endpoint(commands::help))
+        .branch(case![Command::Whoami].endpoint(commands::whoami))
+        // Everything below is for admins and the owner.
+        .branch(dptree::filter(|caller: Caller| !caller.is_privileged()).endpoint(commands::refuse))
+        .branch(dptree::filter_map(|cmd: Command| cmd.action()).endpoint(commands::change_role))
+        .branch(case![Command::CacheStats].endpoint(commands::cache_stats))
+        .branch(case![Command::Audit(args)].endpoint(commands::audit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::RoleCache;
+
+    /// `Dispatcher::build` type-checks the tree and panics on a missing dependency.
+    #[tokio::test]
+    async fn handler_tree_builds_with_the_run_dependencies() {
+        let pg = crate::db::parse_url(crate::db::DEFAULT_DATABASE_URL).unwrap();
+        let repo = Repository::new(crate::db::pool(&pg, 1));
+        let (_tx, rx) = watch::channel(ListenerState::Stopped);
+        let state = Arc::new(BotState::new(
+            repo,
+            RoleCache::new(10),
+            rx,
+            Arc::default(),
+            10,
+        ));
+        let _dispatcher = Dispatcher::builder(Bot::new("1:test"), schema())
+            .dependencies(dptree::deps![state])
+            .build();
+    }
+}

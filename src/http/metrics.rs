@@ -1,0 +1,260 @@
+//! Prometheus metrics, names prefixed `rolecache_`. Counters that already live in the cache and
+//! the listener are read at scrape time; the event lag histogram is fed from the cache's event
+//! channel. Each instance has a registry of its own (several instances can share a process).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::cache::{CacheEvent, ResyncReason, RoleCache};
+use crate::listener::ListenerStats;
+
+/// The metrics of one instance.
+pub struct Metrics {
+    registry: Registry,
+    hits: IntCounter,
+    misses: IntCounter,
+    loads: IntCounter,
+    bypass_reads: IntCounter,
+    entries: IntGauge,
+    events_applied: IntCounter,
+    stale_rejected: IntCounter,
+    resyncs: IntCounterVec,
+    listener_connected: IntGauge,
+    reconnects: IntCounter,
+    notifications: IntCounter,
+    overflows: IntCounter,
+    malformed: IntCounter,
+    ping_rtt: prometheus::Gauge,
+    event_lag: Histogram,
+    queue_usage: prometheus::Gauge,
+    /// Bot updates handled, by command and outcome (fed by the bot).
+    pub updates: IntCounterVec,
+    /// 1 while this instance is the polling leader (fed by the bot).
+    pub leader: IntGauge,
+    /// Any further gauges by name (e.g. per-mode flags), fed by their owners.
+    pub info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(format!("rolecache_{name}"), help).expect("valid metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(format!("rolecache_{name}"), help).expect("valid metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(format!("rolecache_{name}"), help).expect("valid metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+impl Metrics {
+    // The `expect`s below run on fixed, distinct metric names at construction: a failure is a
+    // programming error caught by every test that builds `Metrics`.
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let resyncs = IntCounterVec::new(
+            Opts::new("rolecache_resyncs_total", "Cache flushes, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(resyncs.clone()))
+            .expect("unique metric");
+        let updates = IntCounterVec::new(
+            Opts::new(
+                "rolecache_updates_total",
+                "Telegram updates handled, by command and outcome",
+            ),
+            &["command", "outcome"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(updates.clone()))
+            .expect("unique metric");
+        let info = IntGaugeVec::new(
+            Opts::new("rolecache_info", "Static facts about this instance"),
+            &["key", "value"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(info.clone())).expect("unique metric");
+        let event_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "rolecache_event_lag_seconds",
+                "Time from a role change's trigger to the change being applied in the cache",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(event_lag.clone()))
+            .expect("unique metric");
+        Arc::new(Metrics {
+            hits: counter(&r, "cache_hits_total", "Lookups answered from the cache"),
+            misses: counter(
+                &r,
+                "cache_misses_total",
+                "Lookups not answered from the cache",
+            ),
+            loads: counter(
+                &r,
+                "cache_loads_total",
+                "Rows loaded into the cache after a miss",
+            ),
+            bypass_reads: counter(
+                &r,
+                "cache_bypass_reads_total",
+                "Lookups read from the database while the cache was not synced",
+            ),
+            entries: gauge(&r, "cache_entries", "Users held in the cache"),
+            events_applied: counter(
+                &r,
+                "cache_events_applied_total",
+                "Role changes applied from notifications",
+            ),
+            stale_rejected: counter(
+                &r,
+                "cache_stale_writes_rejected_total",
+                "Writes refused because the cache held the same or a newer version",
+            ),
+            resyncs,
+            listener_connected: gauge(
+                &r,
+                "listener_connected",
+                "1 while the listener's session is up and listening",
+            ),
+            reconnects: counter(&r, "listener_reconnects_total", "Listener sessions lost"),
+            notifications: counter(
+                &r,
+                "listener_notifications_total",
+                "Notifications received on role_changes",
+            ),
+            overflows: counter(
+                &r,
+                "listener_overflows_total",
+                "Times the notification queue overflowed (each followed by a resync)",
+            ),
+            malformed: counter(
+                &r,
+                "listener_malformed_total",
+                "Payloads that could not be parsed (each followed by a resync)",
+            ),
+            ping_rtt: float_gauge(
+                &r,
+                "listener_ping_rtt_seconds",
+                "Round trip of the last end-to-end ping",
+            ),
+            event_lag,
+            queue_usage: float_gauge(
+                &r,
+                "pg_notification_queue_usage",
+                "pg_notification_queue_usage() of the server (0..1); -1 when it could not be read",
+            ),
+            updates,
+            leader: gauge(&r, "leader", "1 while this instance is the polling leader"),
+            info,
+            registry: r,
+        })
+    }
+
+    /// Feeds the event lag histogram from the cache's events until the cache is dropped.
+    pub fn record_events(self: &Arc<Self>, cache: &RoleCache) -> tokio::task::JoinHandle<()> {
+        let mut events = cache.subscribe();
+        let metrics = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(CacheEvent::Changed { lag, .. }) => match metrics.upgrade() {
+                        Some(m) => m.event_lag.observe(lag.as_secs_f64()),
+                        None => return,
+                    },
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Brings the mirrored counters up to date and renders the Prometheus text format.
+    pub async fn render(
+        &self,
+        cache: &RoleCache,
+        listener: &ListenerStats,
+        pool: &deadpool_postgres::Pool,
+    ) -> String {
+        let s = cache.stats();
+        set_counter(&self.hits, s.hits);
+        set_counter(&self.misses, s.misses);
+        set_counter(&self.loads, s.loads);
+        set_counter(&self.bypass_reads, s.bypass_reads);
+        set_counter(&self.events_applied, s.events_applied);
+        set_counter(&self.stale_rejected, s.stale_rejected);
+        self.entries.set(s.entries as i64);
+        for (reason, n) in &s.resyncs {
+            if *reason != ResyncReason::Lagged {
+                set_counter(&self.resyncs.with_label_values(&[reason.as_str()]), *n);
+            }
+        }
+        self.listener_connected
+            .set(i64::from(listener.connected.load(Ordering::Relaxed)));
+        set_counter(
+            &self.reconnects,
+            listener.reconnects.load(Ordering::Relaxed),
+        );
+        set_counter(
+            &self.notifications,
+            listener.notifications.load(Ordering::Relaxed),
+        );
+        set_counter(&self.overflows, listener.overflows.load(Ordering::Relaxed));
+        set_counter(&self.malformed, listener.malformed.load(Ordering::Relaxed));
+        self.ping_rtt
+            .set(listener.last_ping_rtt_us.load(Ordering::Relaxed) as f64 / 1e6);
+        self.queue_usage
+            .set(queue_usage(pool).await.unwrap_or(-1.0));
+
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Counters only go up: add the difference to the mirrored value.
+fn set_counter(counter: &IntCounter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+async fn queue_usage(pool: &deadpool_postgres::Pool) -> Option<f64> {
+    let query = async {
+        let client = pool.get().await.ok()?;
+        let row = client
+            .query_one("SELECT pg_notification_queue_usage()", &[])
+            .await
+            .ok()?;
+        row.try_get::<_, f64>(0).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), query)
+        .await
+        .ok()
+        .flatten()
+}

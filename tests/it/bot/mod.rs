@@ -1,0 +1,208 @@
+//! The bot end to end: `rolecache run` processes against the Bot API stand-in over real HTTP,
+//! on a database of each test's own.
+
+mod commands;
+mod lifecycle;
+mod propagation;
+mod trouble;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::harness::TestDb;
+use crate::telegram_stub::{StubBot, TelegramStub, TgUser};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
+
+/// The commands of each role's menu.
+pub const USER_MENU: [&str; 3] = ["start", "help", "whoami"];
+pub const ADMIN_MENU: [&str; 10] = [
+    "start",
+    "help",
+    "whoami",
+    "add_admin",
+    "remove_admin",
+    "transfer_admin",
+    "ban",
+    "unban",
+    "cache_stats",
+    "audit",
+];
+
+/// A running `rolecache run`; killed when dropped (its stderr is printed if the test failed).
+pub struct BotProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct Spawn<'a> {
+    db: &'a TestDb,
+    stub: &'a TelegramStub,
+    token: String,
+    owner: Option<i64>,
+    rust_log: String,
+}
+
+impl<'a> Spawn<'a> {
+    pub fn new(db: &'a TestDb, stub: &'a TelegramStub, token: &str) -> Spawn<'a> {
+        Spawn {
+            db,
+            stub,
+            token: token.to_string(),
+            owner: None,
+            rust_log: "info".to_string(),
+        }
+    }
+
+    pub fn owner(mut self, owner: i64) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    pub fn rust_log(mut self, filter: &str) -> Self {
+        self.rust_log = filter.to_string();
+        self
+    }
+
+    pub fn start(self) -> BotProcess {
+        let mut command = Command::new(BIN);
+        command
+            .arg("run")
+            .env("DATABASE_URL", self.db.url())
+            .env("TELOXIDE_TOKEN", &self.token)
+            .env("TELOXIDE_API_URL", self.stub.url())
+            .env_remove("TELOXIDE_PROXY")
+            .env_remove("OWNER_ID")
+            .env("ROLECACHE_POOL_SIZE", "4")
+            .env("ROLECACHE_PING_INTERVAL", "500ms")
+            .env("ROLECACHE_PING_TIMEOUT", "3s")
+            .env("ROLECACHE_TRIGGER_CHECK_INTERVAL", "200ms")
+            .env("RUST_LOG", &self.rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(owner) = self.owner {
+            command.env("OWNER_ID", owner.to_string());
+        }
+        let mut child = command.spawn().expect("spawn rolecache run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        BotProcess { child, log }
+    }
+}
+
+impl BotProcess {
+    /// Its stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    /// Sends `signal` and waits for the exit; panics if it takes longer than `limit`.
+    pub async fn stop_with(
+        &mut self,
+        signal: libc::c_int,
+        limit: Duration,
+    ) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.pid(), signal) };
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("rolecache run did not exit within {limit:?}"))
+            .expect("wait")
+    }
+}
+
+impl Drop for BotProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- rolecache run stderr ---");
+            for line in self.log() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A test's world: a database, the stand-in, and one bot process polling it.
+pub struct World {
+    pub db: TestDb,
+    pub stub: TelegramStub,
+    pub process: BotProcess,
+}
+
+pub const TOKEN: &str = "1001:first";
+pub const OWNER: i64 = 9000;
+
+impl World {
+    /// A database, the stand-in and `rolecache run` with [`OWNER`] as OWNER_ID, polling.
+    pub async fn start() -> World {
+        let db = TestDb::new().await;
+        let stub = TelegramStub::start().await;
+        let process = Spawn::new(&db, &stub, TOKEN).owner(OWNER).start();
+        stub.bot(TOKEN).wait_polling().await;
+        World { db, stub, process }
+    }
+
+    pub fn bot(&self) -> StubBot<'_> {
+        self.stub.bot(TOKEN)
+    }
+
+    pub fn owner(&self) -> TgUser {
+        TgUser::new(OWNER, "boss")
+    }
+
+    /// Inserts users with roles, as a DBA would (before they ever wrote to the bot).
+    pub async fn insert_users(&self, users: &[(&TgUser, &str)]) {
+        let values: Vec<String> = users
+            .iter()
+            .map(|(u, role)| {
+                let name = u
+                    .username
+                    .as_ref()
+                    .map_or("NULL".to_string(), |n| format!("'{n}'"));
+                format!("({}, {name}, '{role}')", u.id)
+            })
+            .collect();
+        self.db
+            .sql(&format!(
+                "INSERT INTO users (user_id, username, role) VALUES {}",
+                values.join(", ")
+            ))
+            .await;
+    }
+
+    pub async fn role(&self, user: &TgUser) -> Option<String> {
+        self.db.role_in_table(user.id).await.map(|(role, _)| role)
+    }
+}
+
+/// Parses a `/whoami` reply into (id, role).
+pub fn whoami(reply: &str) -> (i64, String) {
+    let mut lines = reply.lines();
+    let id = lines
+        .next()
+        .and_then(|l| l.strip_prefix("id: "))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("not a /whoami reply: {reply:?}"));
+    let role = lines
+        .next()
+        .and_then(|l| l.strip_prefix("role: "))
+        .unwrap_or_else(|| panic!("not a /whoami reply: {reply:?}"));
+    assert_eq!(lines.next(), None, "two lines expected: {reply:?}");
+    (id, role.to_string())
+}
