@@ -8,6 +8,10 @@
 //! * `sendMessage` answers a valid `Message`; `getMe` a full bot `User`; the rest `true`.
 //! * It never answers 5xx (teloxide sleeps 10 s after one). Tests can make the next call of a
 //!   method fail with a Telegram error (e.g. 429 with `retry_after`, 403 blocked).
+//! * Like Telegram, one `getUpdates` at a time per token: a second one while another is in
+//!   flight terminates the first with 409 Conflict, and is counted ([`StubBot::conflicts`]).
+//! * Updates can also be built without queueing them ([`StubBot::update`]), for tests that
+//!   deliver them to a webhook themselves.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -73,6 +77,11 @@ struct Queue {
     /// The highest offset a `getUpdates` confirmed.
     confirmed: i64,
     polls: u64,
+    /// The `getUpdates` in flight (its number), if any.
+    active_poll: Option<u64>,
+    next_poll: u64,
+    /// Polls terminated by another one (Telegram's 409 Conflict).
+    conflicts: u64,
 }
 
 #[derive(Default)]
@@ -198,6 +207,28 @@ impl StubBot<'_> {
 
     /// `from` writes `text` in chat `chat_id` (a group when it differs from `from.id`).
     pub fn send_in(&self, chat_id: i64, from: &TgUser, text: &str) -> i64 {
+        let mut stub = self.stub.shared.lock();
+        let (update_id, update) = self.update_in(&mut stub, chat_id, from, text);
+        let queue = stub.queues.entry(self.token.clone()).or_default();
+        queue.updates.push_back((update_id, update));
+        drop(stub);
+        self.stub.shared.changed.notify_waiters();
+        update_id
+    }
+
+    /// The update of `from` writing `text` in their private chat, with a fresh update id, not
+    /// queued for `getUpdates` (for a test to post to a webhook).
+    pub fn update(&self, from: &TgUser, text: &str) -> Value {
+        self.update_in(&mut self.stub.shared.lock(), from.id, from, text)
+            .1
+    }
+
+    /// Polls answered 409 because another `getUpdates` arrived while they were in flight.
+    pub fn conflicts(&self) -> u64 {
+        self.stub.shared.lock().queues[&self.token].conflicts
+    }
+
+    fn update_in(&self, stub: &mut Stub, chat_id: i64, from: &TgUser, text: &str) -> (i64, Value) {
         let chat = if chat_id == from.id {
             let mut chat = from.json();
             if let Some(c) = chat.as_object_mut() {
@@ -208,7 +239,6 @@ impl StubBot<'_> {
         } else {
             json!({"id": chat_id, "type": "group", "title": "test group"})
         };
-        let mut stub = self.stub.shared.lock();
         stub.next_message_id += 1;
         let message_id = stub.next_message_id;
         let queue = stub.queues.entry(self.token.clone()).or_default();
@@ -230,13 +260,10 @@ impl StubBot<'_> {
                 .count();
             message["entities"] = json!([{"type": "bot_command", "offset": 0, "length": len}]);
         }
-        queue.updates.push_back((
+        (
             update_id,
             json!({"update_id": update_id, "message": message}),
-        ));
-        drop(stub);
-        self.stub.shared.changed.notify_waiters();
-        update_id
+        )
     }
 
     /// The texts this bot sent to `chat_id`, in order.
@@ -422,18 +449,59 @@ async fn handle(
         "getwebhookinfo" => {
             json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})
         }
-        "getupdates" => get_updates(&shared, &token, &body).await,
+        "getupdates" => match get_updates(&shared, &token, &body).await {
+            Some(updates) => updates,
+            None => {
+                let conflict = json!({"ok": false, "error_code": 409,
+                    "description": "Conflict: terminated by other getUpdates request; \
+                                    make sure that only one bot instance is running"});
+                return (StatusCode::CONFLICT, Json(conflict)).into_response();
+            }
+        },
         "sendmessage" => send_message(&shared, &token, &body),
         _ => json!(true),
     };
     Json(json!({"ok": true, "result": result})).into_response()
 }
 
-async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
+/// Clears a token's poll in flight when that poll ends (answered, or dropped because its client
+/// went away).
+struct ActivePoll<'a> {
+    shared: &'a Shared,
+    token: &'a str,
+    id: u64,
+}
+
+impl Drop for ActivePoll<'_> {
+    fn drop(&mut self) {
+        let mut stub = self.shared.lock();
+        if let Some(queue) = stub.queues.get_mut(self.token) {
+            if queue.active_poll == Some(self.id) {
+                queue.active_poll = None;
+            }
+        }
+    }
+}
+
+/// The updates to answer, or `None`: terminated by a newer poll (409).
+async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value> {
     let offset = as_i64(&body["offset"]).unwrap_or(0);
     let limit = as_i64(&body["limit"]).unwrap_or(100).clamp(1, 100) as usize;
     let timeout = Duration::from_secs(as_i64(&body["timeout"]).unwrap_or(0).max(0) as u64);
     let deadline = Instant::now() + timeout;
+    let id = {
+        let mut stub = shared.lock();
+        let queue = stub.queues.entry(token.to_string()).or_default();
+        queue.next_poll += 1;
+        if queue.active_poll.is_some() {
+            queue.conflicts += 1;
+        }
+        queue.active_poll = Some(queue.next_poll);
+        queue.next_poll
+    };
+    // Wakes the poll this one terminates.
+    shared.changed.notify_waiters();
+    let _active = ActivePoll { shared, token, id };
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -441,6 +509,9 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
         {
             let mut stub = shared.lock();
             let queue = stub.queues.entry(token.to_string()).or_default();
+            if queue.active_poll != Some(id) {
+                return None;
+            }
             queue.polls += 1;
             if offset > 0 {
                 queue.confirmed = queue.confirmed.max(offset - 1);
@@ -456,7 +527,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
                 .map(|(_, u)| u.clone())
                 .collect();
             if !ready.is_empty() || Instant::now() >= deadline {
-                return Value::Array(ready);
+                return Some(Value::Array(ready));
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -492,10 +563,17 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Value {
         return value;
     }
     let text = String::from_utf8_lossy(body);
-    let is_form = headers
+    let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        .unwrap_or_default();
+    if let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data")
+        .and_then(|rest| rest.split("boundary=").nth(1))
+    {
+        return parse_multipart(&text, boundary.trim_matches('"'));
+    }
+    let is_form = content_type.starts_with("application/x-www-form-urlencoded");
     if !is_form {
         return Value::String(text.into_owned());
     }
@@ -504,6 +582,27 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Value {
         Some((percent_decode(k), Value::String(percent_decode(v))))
     });
     Value::Object(fields.collect())
+}
+
+/// A multipart form (setWebhook is sent as one) as a JSON object; JSON-looking fields parsed.
+fn parse_multipart(text: &str, boundary: &str) -> Value {
+    let mut fields = serde_json::Map::new();
+    for part in text.split(&format!("--{boundary}")) {
+        let Some((head, value)) = part.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let Some(name) = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let value = value.strip_suffix("\r\n").unwrap_or(value);
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.into()));
+        fields.insert(name.to_string(), value);
+    }
+    Value::Object(fields)
 }
 
 fn percent_decode(text: &str) -> String {
