@@ -14,7 +14,8 @@
 //! * [`db`] — connection settings, the pool, the migration runner and the `Repository`.
 //! * [`instance`] — one running instance: migrations, pool, cache and listener together.
 //! * [`bot`] — `rolecache run`: the Telegram bot (teloxide) on top of an instance: the handler
-//!   tree, the role middleware, the commands and the per-chat command menus.
+//!   tree, the role middleware, the commands and the per-chat command menus; webhook mode, the
+//!   once-per-update claim and the polling leader election for running several instances.
 //! * [`watch`] — `rolecache watch`: the cache's events as JSON lines, for DBAs and tests.
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
