@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::harness::TestDb;
-use crate::telegram_stub::{StubBot, TelegramStub, TgUser};
+use rolecache::telegram_stub::{StubBot, TelegramStub, TgUser};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
 

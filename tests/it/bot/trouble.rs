@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{whoami, World};
-use crate::telegram_stub::TgUser;
+use rolecache::telegram_stub::TgUser;
 
 /// Reads and writes of `users` as the statistics collector reports them.
 async fn users_activity(world: &World) -> i64 {

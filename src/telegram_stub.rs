@@ -1,5 +1,8 @@
 //! A stand-in for the Telegram Bot API: a real HTTP server (axum) on 127.0.0.1:0 that teloxide
-//! talks to through `TELOXIDE_API_URL`.
+//! talks to through `TELOXIDE_API_URL`. Test support, shared by the integration tests and the
+//! end-to-end section of `rolecache bench`: its waiting helpers (`reply_to`, `wait_for`, …)
+//! panic when their deadline passes, as test assertions do; the bench uses only
+//! [`TelegramStub::try_start`], [`StubBot::send`] and [`TelegramStub::requests`].
 //!
 //! * `{url}/bot{token}/{Method}`: method names are matched case-insensitively; every request is
 //!   recorded (token, method, JSON or form body).
@@ -15,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -123,7 +126,14 @@ impl Drop for TelegramStub {
 pub const SOON: Duration = Duration::from_secs(10);
 
 impl TelegramStub {
+    /// Starts the stand-in; panics if it cannot bind (tests).
     pub async fn start() -> TelegramStub {
+        TelegramStub::try_start()
+            .await
+            .expect("bind the Bot API stand-in on 127.0.0.1")
+    }
+
+    pub async fn try_start() -> std::io::Result<TelegramStub> {
         let shared = Arc::new(Shared {
             stub: Mutex::new(Stub::default()),
             changed: Notify::new(),
@@ -131,18 +141,16 @@ impl TelegramStub {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the stand-in");
-        let addr = listener.local_addr().expect("local addr");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        TelegramStub {
+        Ok(TelegramStub {
             addr,
             shared,
             server,
-        }
+        })
     }
 
     /// The `TELOXIDE_API_URL` for bots talking to this stand-in.
@@ -277,7 +285,12 @@ impl StubBot<'_> {
     }
 
     pub async fn reply_in(&self, chat_id: i64) -> String {
-        let seen = *self.cursors.lock().unwrap().get(&chat_id).unwrap_or(&0);
+        let seen = *self
+            .cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&chat_id)
+            .unwrap_or(&0);
         let what = format!("a reply from bot {} in chat {chat_id}", self.token);
         let text = self
             .stub
@@ -287,7 +300,10 @@ impl StubBot<'_> {
                     .cloned()
             })
             .await;
-        self.cursors.lock().unwrap().insert(chat_id, seen + 1);
+        self.cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(chat_id, seen + 1);
         text
     }
 
@@ -628,38 +644,43 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn stand_in_answers_what_teloxide_can_parse() {
-    use teloxide::prelude::*;
-    let stub = TelegramStub::start().await;
-    let bot = teloxide::Bot::new("7:abc").set_api_url(stub.url().parse().expect("url"));
-    let me = bot.get_me().await.expect("getMe parses");
-    assert!(me.user.is_bot);
-    assert_eq!(me.username(), "test_7_bot");
-    let sent = bot
-        .send_message(ChatId(5), "hi")
-        .await
-        .expect("sendMessage parses");
-    assert_eq!(sent.text(), Some("hi"));
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let driver = stub.bot("7:abc");
-    let ann = TgUser::new(5, "ann");
-    let first = driver.send(&ann, "/whoami");
-    let updates = bot.get_updates().await.expect("getUpdates parses");
-    assert_eq!(updates.len(), 1);
-    assert_eq!(updates[0].id.0 as i64, first);
-    // A long poll returns as soon as an update arrives.
-    let started = Instant::now();
-    let poll = bot.get_updates().offset(first as i32 + 1).timeout(5).send();
-    let push = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        driver.send(&ann, "/start")
-    };
-    let (updates, second) = tokio::join!(poll, push);
-    let updates = updates.expect("long poll");
-    assert_eq!(updates.len(), 1);
-    assert_eq!(updates[0].id.0 as i64, second);
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(driver.confirmed(), first);
-    assert_eq!(driver.reply_to(&TgUser::new(5, "x")).await, "hi");
+    #[tokio::test]
+    async fn stand_in_answers_what_teloxide_can_parse() {
+        use teloxide::prelude::*;
+        let stub = TelegramStub::start().await;
+        let bot = teloxide::Bot::new("7:abc").set_api_url(stub.url().parse().expect("url"));
+        let me = bot.get_me().await.expect("getMe parses");
+        assert!(me.user.is_bot);
+        assert_eq!(me.username(), "test_7_bot");
+        let sent = bot
+            .send_message(ChatId(5), "hi")
+            .await
+            .expect("sendMessage parses");
+        assert_eq!(sent.text(), Some("hi"));
+
+        let driver = stub.bot("7:abc");
+        let ann = TgUser::new(5, "ann");
+        let first = driver.send(&ann, "/whoami");
+        let updates = bot.get_updates().await.expect("getUpdates parses");
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].id.0 as i64, first);
+        // A long poll returns as soon as an update arrives.
+        let started = Instant::now();
+        let poll = bot.get_updates().offset(first as i32 + 1).timeout(5).send();
+        let push = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            driver.send(&ann, "/start")
+        };
+        let (updates, second) = tokio::join!(poll, push);
+        let updates = updates.expect("long poll");
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].id.0 as i64, second);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(driver.confirmed(), first);
+        assert_eq!(driver.reply_to(&TgUser::new(5, "x")).await, "hi");
+    }
 }
