@@ -53,8 +53,10 @@ pub struct BotState {
     pub listener_state: watch::Receiver<ListenerState>,
     pub listener_stats: Arc<ListenerStats>,
     pub metrics: Arc<Metrics>,
-    /// Claims of update ids, so that each update is handled once across instances.
-    pub updates: dedup::UpdateLog,
+    /// Claims of update ids, so that each update is handled once across instances: webhook
+    /// mode only. In polling mode one leader fetches each update; only a failover can repeat
+    /// one, and a database write per message is not worth that.
+    pub updates: Option<dedup::UpdateLog>,
     /// The username last stored for each user, so that an unchanged one costs no query.
     usernames: moka::future::Cache<UserId, Option<String>>,
 }
@@ -67,10 +69,10 @@ impl BotState {
         listener_stats: Arc<ListenerStats>,
         capacity: u64,
         metrics: Arc<Metrics>,
-        bot_id: i64,
+        dedup_as: Option<i64>,
     ) -> Self {
         BotState {
-            updates: dedup::UpdateLog::new(repo.pool().clone(), bot_id),
+            updates: dedup_as.map(|bot_id| dedup::UpdateLog::new(repo.pool().clone(), bot_id)),
             repo,
             cache,
             listener_state,
@@ -82,7 +84,13 @@ impl BotState {
         }
     }
 
-    pub fn of(instance: &Instance, capacity: u64, metrics: Arc<Metrics>, bot_id: i64) -> Self {
+    /// `dedup_as`: the bot id under which update ids are claimed (webhook mode), or `None`.
+    pub fn of(
+        instance: &Instance,
+        capacity: u64,
+        metrics: Arc<Metrics>,
+        dedup_as: Option<i64>,
+    ) -> Self {
         BotState::new(
             instance.repo.clone(),
             instance.cache.clone(),
@@ -90,7 +98,7 @@ impl BotState {
             instance.listener.stats().clone(),
             capacity,
             metrics,
-            bot_id,
+            dedup_as,
         )
     }
 
@@ -124,7 +132,8 @@ impl BotState {
 }
 
 /// The handler tree. Pure: `Dispatcher::builder(bot, schema())` with an `Arc<BotState>`
-/// dependency runs it. Every update is first claimed (see [`dedup`]): a redelivery is dropped.
+/// dependency runs it. In webhook mode every update is first claimed (see [`dedup`]): a
+/// redelivery is dropped.
 pub fn schema() -> UpdateHandler<BotError> {
     dptree::entry().filter_async(first_delivery).branch(
         Update::filter_message()
@@ -137,7 +146,10 @@ pub fn schema() -> UpdateHandler<BotError> {
 /// Whether this instance handles `update`: it claimed it first, or the claim could not be
 /// checked.
 async fn first_delivery(update: Update, state: Arc<BotState>) -> bool {
-    match state.updates.claim(update.id.0).await {
+    let Some(updates) = &state.updates else {
+        return true;
+    };
+    match updates.claim(update.id.0).await {
         dedup::Claim::First | dedup::Claim::Unchecked => true,
         dedup::Claim::Duplicate => {
             tracing::info!(update_id = update.id.0, "dropping a redelivered update");
@@ -179,7 +191,7 @@ mod tests {
             Arc::default(),
             10,
             Metrics::new(),
-            1,
+            Some(1),
         ));
         let _dispatcher = Dispatcher::builder(Bot::new("1:test"), schema())
             .dependencies(dptree::deps![state])

@@ -153,9 +153,12 @@ async fn serve(
         context.instance,
         context.capacity,
         context.metrics.clone(),
-        bot_id,
+        webhook_updates.is_some().then_some(bot_id),
     ));
-    let cleanup = AbortOnDrop(state.updates.clone().spawn_cleanup());
+    let cleanup = state
+        .updates
+        .clone()
+        .map(|updates| AbortOnDrop(updates.spawn_cleanup()));
     let result = match webhook_updates {
         Some(updates) => serve_webhook(bot, state, updates, stop).await,
         None => serve_polling(context, bot_id, state, stop).await,
