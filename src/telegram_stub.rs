@@ -94,6 +94,8 @@ struct Stub {
     next_message_id: i64,
     /// Errors to answer to the next calls of a method (lower case), per token.
     failures: HashMap<(String, String), VecDeque<(StatusCode, Value)>>,
+    /// Requests per (token, method), kept beside `requests` for cheap counting.
+    counts: HashMap<(String, String), usize>,
 }
 
 struct Shared {
@@ -169,6 +171,31 @@ impl TelegramStub {
             stub: self,
             token: token.to_string(),
             cursors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many `method` (lower case) requests bot `token` made so far.
+    pub fn count(&self, token: &str, method: &str) -> usize {
+        let key = (token.to_string(), method.to_string());
+        self.shared.lock().counts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Waits until bot `token` has made at least `n` `method` requests, or `limit` passes;
+    /// returns whether it did (never panics).
+    pub async fn wait_count(&self, token: &str, method: &str, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.count(token, method) >= n {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left, changed).await;
         }
     }
 
@@ -441,6 +468,10 @@ async fn handle(
             .failures
             .get_mut(&(token.clone(), method.clone()))
             .and_then(VecDeque::pop_front);
+        *stub
+            .counts
+            .entry((token.clone(), method.clone()))
+            .or_default() += 1;
         stub.requests.push(Recorded {
             token: token.clone(),
             method: method.clone(),
