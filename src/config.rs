@@ -52,7 +52,8 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Serve /metrics, /healthz and /readyz (and the bot's webhook) on this address, e.g.
-    /// 0.0.0.0:8080.
+    /// 0.0.0.0:8080. In webhook mode the default is 0.0.0.0:8080; otherwise unset means no HTTP
+    /// server.
     #[arg(long, env = "ROLECACHE_HTTP_ADDR", global = true)]
     pub http_addr: Option<std::net::SocketAddr>,
 
@@ -76,8 +77,18 @@ impl Cli {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Run the Telegram bot with long polling (the default). Needs TELOXIDE_TOKEN.
+    /// Run the Telegram bot (the default). Needs TELOXIDE_TOKEN. Long polling with one instance
+    /// polling at a time (the others stand by), or webhook mode with WEBHOOK_URL.
     Run,
+    /// Register WEBHOOK_URL and WEBHOOK_SECRET with Telegram, once, from a deploy step. Instances
+    /// never do it themselves.
+    SetWebhook,
+    /// Remove the webhook (back to long polling), once, from a deploy step.
+    DeleteWebhook {
+        /// Also drop the updates Telegram holds for the bot.
+        #[arg(long)]
+        drop_pending_updates: bool,
+    },
     /// Apply the schema migrations in sql/ (also done by `watch` at start). Re-running is a no-op.
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
@@ -159,6 +170,43 @@ pub struct TelegramOptions {
     /// This Telegram user is made owner at start (idempotent).
     #[arg(long, env = "OWNER_ID", global = true, value_parser = clap::value_parser!(i64).range(1..))]
     pub owner_id: Option<i64>,
+
+    /// Webhook mode: the public https:// URL Telegram posts updates to (your load balancer).
+    /// Every instance serves the webhook at this URL's path on ROLECACHE_HTTP_ADDR. Unset: long
+    /// polling, one instance at a time (elected through a PostgreSQL advisory lock).
+    #[arg(long, env = "WEBHOOK_URL", global = true, value_parser = parse_webhook_url)]
+    pub webhook_url: Option<WebhookUrl>,
+
+    /// The secret Telegram sends in X-Telegram-Bot-Api-Secret-Token with every webhook request
+    /// (1-256 characters of A-Z a-z 0-9 _ -), the same on every instance; required with
+    /// WEBHOOK_URL. Requests without it are refused (401).
+    #[arg(long, env = "WEBHOOK_SECRET", global = true, hide_env_values = true, value_parser = parse_webhook_secret)]
+    pub webhook_secret: Option<String>,
+}
+
+/// A parsed WEBHOOK_URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// The URL as given to Telegram.
+    pub url: String,
+    /// Its path, where each instance serves the webhook.
+    pub path: String,
+}
+
+/// Webhook mode: where updates arrive and the secret they carry.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: WebhookUrl,
+    pub secret: String,
+}
+
+/// How `rolecache run` receives updates.
+#[derive(Debug, Clone)]
+pub enum UpdateSource {
+    /// Long polling by the elected leader.
+    Polling,
+    /// Telegram posts them to every instance through the operator's load balancer.
+    Webhook(WebhookConfig),
 }
 
 /// What `rolecache run` needs, once the token is known to be present.
@@ -167,22 +215,88 @@ pub struct RunConfig {
     pub token: String,
     pub api_url: Option<String>,
     pub owner_id: Option<i64>,
+    pub updates: UpdateSource,
 }
 
 impl TelegramOptions {
-    /// The settings of `run`, or the one line to print when the token is missing.
+    /// The settings of `run`, or the one line to print when one is missing.
     pub fn run_config(&self) -> Result<RunConfig, String> {
-        let token = self.token.clone().ok_or_else(|| {
+        let updates = match &self.webhook_url {
+            Some(_) => UpdateSource::Webhook(self.webhook_config()?),
+            None => UpdateSource::Polling,
+        };
+        Ok(RunConfig {
+            token: self.token()?,
+            api_url: self.api_url.clone(),
+            owner_id: self.owner_id,
+            updates,
+        })
+    }
+
+    /// The token, or the one line to print when it is missing.
+    pub fn token(&self) -> Result<String, String> {
+        self.token.clone().ok_or_else(|| {
             "TELOXIDE_TOKEN is not set: the bot needs its token from @BotFather \
              (or pass --token)"
                 .to_string()
-        })?;
-        Ok(RunConfig {
-            token,
-            api_url: self.api_url.clone(),
-            owner_id: self.owner_id,
         })
     }
+
+    /// WEBHOOK_URL and WEBHOOK_SECRET together, or the one line to print when one is missing.
+    pub fn webhook_config(&self) -> Result<WebhookConfig, String> {
+        let url = self.webhook_url.clone().ok_or_else(|| {
+            "WEBHOOK_URL is not set: give the public https:// URL of the webhook".to_string()
+        })?;
+        let secret = self.webhook_secret.clone().ok_or_else(|| {
+            "WEBHOOK_SECRET is not set: webhook mode needs a secret token \
+             (1-256 characters of A-Z a-z 0-9 _ -), the same on every instance"
+                .to_string()
+        })?;
+        Ok(WebhookConfig { url, secret })
+    }
+}
+
+/// Paths the HTTP server already serves.
+const RESERVED_PATHS: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
+
+/// An absolute https:// URL (Telegram requires https) without a query or fragment, whose path
+/// is not one of the health and metrics endpoints.
+fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
+    let text = text.trim();
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if url.scheme() != "https" {
+        return Err(format!(
+            "{text:?} must be an https:// URL (Telegram requires it)"
+        ));
+    }
+    if !url.host_str().is_some_and(|h| !h.is_empty()) {
+        return Err(format!("{text:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must not have a query or a fragment"));
+    }
+    let path = url.path().to_string();
+    if RESERVED_PATHS.contains(&path.trim_end_matches('/')) {
+        return Err(format!(
+            "{text:?}: the path {path} is taken by the health and metrics endpoints"
+        ));
+    }
+    Ok(WebhookUrl {
+        url: url.to_string(),
+        path,
+    })
+}
+
+/// Telegram's rule for `secret_token`: 1-256 characters, A-Z, a-z, 0-9, `_` and `-`.
+fn parse_webhook_secret(text: &str) -> Result<String, String> {
+    let valid = (1..=256).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err("the webhook secret must be 1-256 characters of A-Z a-z 0-9 _ -".into());
+    }
+    Ok(text.to_string())
 }
 
 fn parse_token(text: &str) -> Result<String, String> {
@@ -333,6 +447,68 @@ mod tests {
         for bad in ["", "  ", "a b", "a/b"] {
             assert!(parse_token(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn webhook_urls_and_secrets() {
+        let hook = parse_webhook_url("https://bot.example.com/tg/hook").unwrap();
+        assert_eq!(hook.path, "/tg/hook");
+        assert_eq!(hook.url, "https://bot.example.com/tg/hook");
+        assert_eq!(
+            parse_webhook_url("https://bot.example.com").unwrap().path,
+            "/"
+        );
+        assert!(parse_webhook_url("https://bot.example.com:8443/x").is_ok());
+        for bad in [
+            "",
+            "bot.example.com/hook",
+            "http://bot.example.com/hook",
+            "https://",
+            "https://bot.example.com/hook?a=1",
+            "https://bot.example.com/metrics",
+            "https://bot.example.com/readyz/",
+        ] {
+            assert!(parse_webhook_url(bad).is_err(), "accepted {bad:?}");
+        }
+        assert!(parse_webhook_secret("s3cr3t_-X").is_ok());
+        assert!(parse_webhook_secret(&"a".repeat(256)).is_ok());
+        for bad in ["", "has space", "semi;colon", "ünï", &"a".repeat(257)] {
+            assert!(parse_webhook_secret(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn webhook_mode_needs_its_secret() {
+        let cli = Cli::try_parse_from([
+            "rolecache",
+            "--token",
+            "1:x",
+            "--webhook-url",
+            "https://h/hook",
+        ])
+        .unwrap();
+        let err = cli.telegram.run_config().unwrap_err();
+        assert!(err.starts_with("WEBHOOK_SECRET is not set"), "{err}");
+        let cli = Cli::try_parse_from([
+            "rolecache",
+            "--token",
+            "1:x",
+            "--webhook-url",
+            "https://h/hook",
+            "--webhook-secret",
+            "abc",
+        ])
+        .unwrap();
+        let run = cli.telegram.run_config().unwrap();
+        assert!(matches!(run.updates, UpdateSource::Webhook(w) if w.url.path == "/hook"));
+        let cli =
+            Cli::try_parse_from(["rolecache", "delete-webhook", "--drop-pending-updates"]).unwrap();
+        assert!(matches!(
+            cli.subcommand(),
+            Command::DeleteWebhook {
+                drop_pending_updates: true
+            }
+        ));
     }
 
     #[test]

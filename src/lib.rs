@@ -14,11 +14,13 @@
 //! * [`db`] — connection settings, the pool, the migration runner and the `Repository`.
 //! * [`instance`] — one running instance: migrations, pool, cache and listener together.
 //! * [`bot`] — `rolecache run`: the Telegram bot (teloxide) on top of an instance: the handler
-//!   tree, the role middleware, the commands and the per-chat command menus.
+//!   tree, the role middleware, the commands and the per-chat command menus; webhook mode, the
+//!   once-per-update claim and the polling leader election for running several instances.
 //! * [`watch`] — `rolecache watch`: the cache's events as JSON lines, for DBAs and tests.
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` (and the bot's webhook) over HTTP.
+//! * [`telegram_stub`] — a local Bot API stand-in (tests, the bench's end-to-end section).
 //! * [`telemetry`] — logging setup.
 //! * [`bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
 
@@ -32,6 +34,7 @@ pub mod http;
 pub mod instance;
 pub mod listener;
 pub mod role;
+pub mod telegram_stub;
 pub mod telemetry;
 pub mod watch;
 

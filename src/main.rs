@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use rolecache::bench::BenchArgs;
-use rolecache::config::{self, Command, DatabaseError, RunConfig, EXIT_CONFIG};
+use rolecache::config::{self, Command, DatabaseError, RunConfig, WebhookConfig, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
 use rolecache::{bench, bot, telemetry, watch};
 
@@ -13,6 +13,8 @@ enum Job {
     Migrate,
     Watch,
     Bench(BenchArgs),
+    SetWebhook(String, WebhookConfig),
+    DeleteWebhook(String, bool),
 }
 
 fn main() -> ExitCode {
@@ -20,17 +22,32 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     // Settings that only `run` needs are checked before anything starts.
     let job = match cli.subcommand() {
-        Command::Run => match cli.telegram.run_config() {
-            Ok(run) => Job::Run(run),
-            Err(line) => {
-                eprintln!("rolecache: {line}");
-                return ExitCode::from(EXIT_CONFIG as u8);
-            }
-        },
-        Command::Migrate => Job::Migrate,
-        Command::Watch => Job::Watch,
-        Command::Bench(args) => Job::Bench(args),
+        Command::Run => cli.telegram.run_config().map(Job::Run),
+        Command::Migrate => Ok(Job::Migrate),
+        Command::Watch => Ok(Job::Watch),
+        Command::Bench(args) => Ok(Job::Bench(args)),
+        Command::SetWebhook => cli.telegram.token().and_then(|token| {
+            let hook = cli.telegram.webhook_config()?;
+            Ok(Job::SetWebhook(token, hook))
+        }),
+        Command::DeleteWebhook {
+            drop_pending_updates,
+        } => cli
+            .telegram
+            .token()
+            .map(|token| Job::DeleteWebhook(token, drop_pending_updates)),
     };
+    let job = match job {
+        Ok(job) => job,
+        Err(line) => {
+            eprintln!("rolecache: {line}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    // The webhook commands only talk to Telegram.
+    if let Job::SetWebhook(..) | Job::DeleteWebhook(..) = job {
+        return finish(telegram_only(job, cli.telegram.api_url.as_deref()));
+    }
     let allow_embedded = matches!(job, Job::Watch | Job::Run(_));
     let database = match cli.database(allow_embedded) {
         Ok(database) => database,
@@ -62,11 +79,16 @@ fn main() -> ExitCode {
             }
             Job::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
             Job::Bench(args) => bench::run(&pg, &args).await,
+            Job::SetWebhook(..) | Job::DeleteWebhook(..) => Ok(()),
         }
     });
     // Stops the private cluster, if one was started, after everything using it has finished.
     drop(runtime);
     drop(database);
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -74,6 +96,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `set-webhook` and `delete-webhook`: one request to Telegram each.
+fn telegram_only(job: Job, api_url: Option<&str>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        match job {
+            Job::SetWebhook(token, hook) => {
+                bot::webhook::set(&bot::build_bot(&token, api_url)?, &hook).await
+            }
+            Job::DeleteWebhook(token, drop_pending) => {
+                bot::webhook::delete(&bot::build_bot(&token, api_url)?, drop_pending).await
+            }
+            _ => Ok(()),
+        }
+    })
 }
 
 /// Completes on SIGINT or SIGTERM.

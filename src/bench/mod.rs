@@ -3,8 +3,10 @@
 //!
 //! Sections: `lookup` (throughput, latency, queries, staleness under a steady trickle of SQL
 //! role changes), `propagation` (commit → applied), `bulk` (one UPDATE of many rows),
-//! `memory` (bytes per cached user). See docs/BENCHMARKS.md for the method and the numbers.
+//! `memory` (bytes per cached user), `e2e` (messages per second through the real dispatcher).
+//! See docs/BENCHMARKS.md for the method and the numbers.
 
+pub mod e2e;
 pub mod lookup;
 pub mod memory;
 pub mod propagation;
@@ -25,6 +27,7 @@ pub enum Section {
     Propagation,
     Bulk,
     Memory,
+    E2e,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -63,6 +66,8 @@ pub struct Report {
     pub bulk: Option<Vec<propagation::BulkResult>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<memory::MemoryResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e: Option<e2e::E2eResult>,
 }
 
 /// The benchmark's own database on the server of `DATABASE_URL`.
@@ -217,6 +222,10 @@ async fn run_sections(db: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> 
                 let users = if quick { 100_000 } else { 1_000_000 };
                 report.memory = Some(memory::run(users).await?);
             }
+            Section::E2e => {
+                let messages = if quick { 1_000 } else { 20_000 };
+                report.e2e = Some(e2e::run(db, 100, messages).await?);
+            }
         }
     }
     Ok(report)
@@ -332,6 +341,20 @@ pub fn render(report: &Report) -> String {
             m.bytes_per_user,
             m.raw_bytes_per_user,
             m.bytes_per_user / m.raw_bytes_per_user.max(1e-9)
+        );
+    }
+    if let Some(e) = &report.e2e {
+        let _ = writeln!(
+            out,
+            "\ne2e ({} /whoami from {} users through the dispatcher and the Bot API stand-in)",
+            e.messages, e.users
+        );
+        let _ = writeln!(
+            out,
+            "msgs/s with the cache {:.0}, with lookups in the database {:.0}, ratio {:.2}",
+            e.msgs_per_s_cache,
+            e.msgs_per_s_db,
+            e.msgs_per_s_cache / e.msgs_per_s_db.max(1e-9)
         );
     }
     out

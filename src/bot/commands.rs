@@ -19,6 +19,56 @@ use crate::listener::ListenerState;
 
 type HandlerResult = Result<(), BotError>;
 
+/// How a handled update ended, for `rolecache_updates_total{command,outcome}`: a small fixed
+/// set of labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// The caller may not do this (role, rules, unknown target).
+    Denied,
+    /// Bad or missing arguments.
+    Usage,
+    /// The database could not be reached.
+    Unavailable,
+    /// A database or Telegram error.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Usage => "usage",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// The `command` label of anything that is not one of our commands.
+pub const OTHER: &str = "other";
+
+/// Sends the reply and counts the update under `command` (its label, without the slash):
+/// `outcome`, or `error` when the reply could not be sent.
+async fn answer(
+    bot: &Bot,
+    msg: &Message,
+    state: &BotState,
+    command: &str,
+    outcome: Outcome,
+    text: impl Into<String>,
+) -> HandlerResult {
+    let sent = reply::send(bot, msg.chat.id, text).await;
+    let outcome = if sent.is_err() {
+        Outcome::Error
+    } else {
+        outcome
+    };
+    state.count(command, outcome);
+    sent
+}
+
 /// Every command. `<user>` is a numeric Telegram id or the @username of someone who has written
 /// to the bot.
 #[derive(BotCommands, Clone, Debug, PartialEq, Eq)]
@@ -59,6 +109,11 @@ impl Command {
         }
     }
 
+    /// The command's metric label: its name without the slash, e.g. `cache_stats`.
+    pub fn label(&self) -> &'static str {
+        self.name().trim_start_matches('/')
+    }
+
     /// The command as typed, e.g. `/cache_stats`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -80,48 +135,62 @@ impl Command {
 pub const UNAVAILABLE: &str =
     "Your role can't be checked right now (database temporarily unavailable); try again shortly.";
 
-pub async fn start(bot: Bot, msg: Message, caller: Caller) -> HandlerResult {
-    let text = match caller.role() {
-        Some(role) => format!(
-            "Hello, {}! You are registered as {role}. /help lists your commands.",
-            caller.first_name
+pub async fn start(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
+    let (outcome, text) = match caller.role() {
+        Some(role) => (
+            Outcome::Ok,
+            format!(
+                "Hello, {}! You are registered as {role}. /help lists your commands.",
+                caller.first_name
+            ),
         ),
-        None => format!(
-            "Hello, {}! I can't reach my database right now; /help lists the commands.",
-            caller.first_name
+        None => (
+            Outcome::Unavailable,
+            format!(
+                "Hello, {}! I can't reach my database right now; /help lists the commands.",
+                caller.first_name
+            ),
         ),
     };
-    reply::send(&bot, msg.chat.id, text).await
+    answer(&bot, &msg, &state, "start", outcome, text).await
 }
 
-pub async fn help(bot: Bot, msg: Message, caller: Caller) -> HandlerResult {
+pub async fn help(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
     let lines: Vec<String> = menus::commands_for(caller.role())
         .iter()
         .map(|c| format!("/{} — {}", c.command, c.description))
         .collect();
-    reply::send(&bot, msg.chat.id, lines.join("\n")).await
+    answer(&bot, &msg, &state, "help", Outcome::Ok, lines.join("\n")).await
 }
 
-pub async fn whoami(bot: Bot, msg: Message, caller: Caller) -> HandlerResult {
-    let role = match caller.access {
-        Access::Role(role) => role.to_string(),
-        Access::Unavailable => "unknown (database temporarily unavailable)".to_string(),
+pub async fn whoami(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
+    let (outcome, role) = match caller.access {
+        Access::Role(role) => (Outcome::Ok, role.to_string()),
+        Access::Unavailable => (
+            Outcome::Unavailable,
+            "unknown (database temporarily unavailable)".to_string(),
+        ),
     };
-    reply::send(
-        &bot,
-        msg.chat.id,
-        format!("id: {}\nrole: {role}", caller.id),
-    )
-    .await
+    let text = format!("id: {}\nrole: {role}", caller.id);
+    answer(&bot, &msg, &state, "whoami", outcome, text).await
 }
 
 /// A privileged command from someone whose role does not allow it (or cannot be checked).
-pub async fn refuse(bot: Bot, msg: Message, caller: Caller, cmd: Command) -> HandlerResult {
-    let text = match caller.access {
-        Access::Unavailable => UNAVAILABLE.to_string(),
-        Access::Role(_) => format!("Only admins and the owner can use {}.", cmd.name()),
+pub async fn refuse(
+    bot: Bot,
+    msg: Message,
+    caller: Caller,
+    cmd: Command,
+    state: Arc<BotState>,
+) -> HandlerResult {
+    let (outcome, text) = match caller.access {
+        Access::Unavailable => (Outcome::Unavailable, UNAVAILABLE.to_string()),
+        Access::Role(_) => (
+            Outcome::Denied,
+            format!("Only admins and the owner can use {}.", cmd.name()),
+        ),
     };
-    reply::send(&bot, msg.chat.id, text).await
+    answer(&bot, &msg, &state, cmd.label(), outcome, text).await
 }
 
 #[tracing::instrument(skip_all, fields(user_id = caller.id, action = ?action))]
@@ -132,21 +201,27 @@ pub async fn change_role(
     state: Arc<BotState>,
     (action, args): (Action, String),
 ) -> HandlerResult {
-    let text = match args::parse_target(&args) {
-        Err(e) => usage(action.command(), "<user>", e),
+    let (outcome, text) = match args::parse_target(&args) {
+        Err(e) => (Outcome::Usage, usage(action.command(), "<user>", e)),
         Ok(target) => {
             match actions::perform(&state.repo, &state.cache, action, caller.id, &target).await {
-                Ok(done) => actions::success_text(action, &done),
-                Err(ActionError::Repo(e)) if e.is_unavailable() => UNAVAILABLE.to_string(),
+                Ok(done) => (Outcome::Ok, actions::success_text(action, &done)),
+                Err(ActionError::Repo(e)) if e.is_unavailable() => {
+                    (Outcome::Unavailable, UNAVAILABLE.to_string())
+                }
                 Err(ActionError::Repo(e)) => {
                     tracing::error!(error = %e, "role change failed");
-                    "The change failed (database error); nothing was changed.".to_string()
+                    (
+                        Outcome::Error,
+                        "The change failed (database error); nothing was changed.".to_string(),
+                    )
                 }
-                Err(denied) => denied.to_string(),
+                Err(denied) => (Outcome::Denied, denied.to_string()),
             }
         }
     };
-    reply::send(&bot, msg.chat.id, text).await
+    let label = action.command().trim_start_matches('/');
+    answer(&bot, &msg, &state, label, outcome, text).await
 }
 
 #[tracing::instrument(skip_all, fields(chat_id = msg.chat.id.0))]
@@ -154,26 +229,34 @@ pub async fn cache_stats(bot: Bot, msg: Message, state: Arc<BotState>) -> Handle
     state.cache.run_pending_tasks().await;
     let stats = state.cache.stats();
     let listener = state.listener_state.borrow().clone();
-    reply::send(&bot, msg.chat.id, stats_text(&stats, &listener)).await
+    let text = stats_text(&stats, &listener);
+    answer(&bot, &msg, &state, "cache_stats", Outcome::Ok, text).await
 }
 
 #[tracing::instrument(skip_all, fields(chat_id = msg.chat.id.0))]
 pub async fn audit(bot: Bot, msg: Message, state: Arc<BotState>, args: String) -> HandlerResult {
-    let text = match args::parse_audit_count(&args) {
-        Err(e) => usage("/audit", &format!("[n] (n from 1 to {AUDIT_MAX})"), e),
+    let (outcome, text) = match args::parse_audit_count(&args) {
+        Err(e) => (
+            Outcome::Usage,
+            usage("/audit", &format!("[n] (n from 1 to {AUDIT_MAX})"), e),
+        ),
         Ok(n) => match state.repo.recent_audit(n).await {
-            Ok(rows) if rows.is_empty() => "No role changes yet.".to_string(),
-            Ok(rows) => fit_message(rows.iter().map(audit_line)),
-            Err(e) if e.is_unavailable() => UNAVAILABLE.to_string(),
-            Err(e) => return Err(e.into()),
+            Ok(rows) if rows.is_empty() => (Outcome::Ok, "No role changes yet.".to_string()),
+            Ok(rows) => (Outcome::Ok, fit_message(rows.iter().map(audit_line))),
+            Err(e) if e.is_unavailable() => (Outcome::Unavailable, UNAVAILABLE.to_string()),
+            Err(e) => {
+                state.count("audit", Outcome::Error);
+                return Err(e.into());
+            }
         },
     };
-    reply::send(&bot, msg.chat.id, text).await
+    answer(&bot, &msg, &state, "audit", outcome, text).await
 }
 
 /// Anything that is not one of our commands: in a private chat, a pointer to /help.
-pub async fn not_a_command(bot: Bot, msg: Message) -> HandlerResult {
+pub async fn not_a_command(bot: Bot, msg: Message, state: Arc<BotState>) -> HandlerResult {
     if !msg.chat.is_private() {
+        state.count(OTHER, Outcome::Ok);
         return Ok(());
     }
     let text = match msg.text().and_then(|t| t.split_whitespace().next()) {
@@ -183,7 +266,7 @@ pub async fn not_a_command(bot: Bot, msg: Message) -> HandlerResult {
         }
         _ => "I only understand commands; /help lists yours.".to_string(),
     };
-    reply::send(&bot, msg.chat.id, text).await
+    answer(&bot, &msg, &state, OTHER, Outcome::Ok, text).await
 }
 
 /// Longest message Telegram accepts, in UTF-16 code units (counted in chars here, which is

@@ -10,16 +10,23 @@
 //!   [`rules::decide`] on the roles it locked.
 //! * [`menus`] — per-chat command lists that follow role changes from any source.
 //! * [`args`] — argument parsing; [`reply`] — sending replies and handling Telegram errors.
-//! * [`run`](run()) — start, poll, and shut down on SIGINT/SIGTERM.
+//! * [`dedup`] — each update handled once across instances (the `telegram_updates` table).
+//! * [`webhook`] — webhook mode: the route behind the load balancer, `set-webhook` and
+//!   `delete-webhook`.
+//! * [`leader`] — polling mode: one instance polls, elected through an advisory lock.
+//! * [`run`](run()) — start, poll or serve the webhook, and shut down on SIGINT/SIGTERM.
 
 pub mod actions;
 pub mod args;
 pub mod commands;
+pub mod dedup;
+pub mod leader;
 pub mod menus;
 pub mod middleware;
 pub mod reply;
 pub mod rules;
 mod runner;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -29,6 +36,7 @@ use tokio::sync::watch;
 
 use crate::cache::RoleCache;
 use crate::db::Repository;
+use crate::http::Metrics;
 use crate::instance::Instance;
 use crate::listener::{ListenerState, ListenerStats};
 use crate::role::UserId;
@@ -36,7 +44,7 @@ use crate::role::UserId;
 pub use commands::Command;
 pub use middleware::{Access, Caller};
 pub use reply::BotError;
-pub use runner::{ensure_owner, run};
+pub use runner::{build_bot, ensure_owner, run};
 
 /// What every handler shares (the `Arc<BotState>` dependency).
 pub struct BotState {
@@ -44,6 +52,11 @@ pub struct BotState {
     pub cache: RoleCache,
     pub listener_state: watch::Receiver<ListenerState>,
     pub listener_stats: Arc<ListenerStats>,
+    pub metrics: Arc<Metrics>,
+    /// Claims of update ids, so that each update is handled once across instances: webhook
+    /// mode only. In polling mode one leader fetches each update; only a failover can repeat
+    /// one, and a database write per message is not worth that.
+    pub updates: Option<dedup::UpdateLog>,
     /// The username last stored for each user, so that an unchanged one costs no query.
     usernames: moka::future::Cache<UserId, Option<String>>,
 }
@@ -55,26 +68,46 @@ impl BotState {
         listener_state: watch::Receiver<ListenerState>,
         listener_stats: Arc<ListenerStats>,
         capacity: u64,
+        metrics: Arc<Metrics>,
+        dedup_as: Option<i64>,
     ) -> Self {
         BotState {
+            updates: dedup_as.map(|bot_id| dedup::UpdateLog::new(repo.pool().clone(), bot_id)),
             repo,
             cache,
             listener_state,
             listener_stats,
+            metrics,
             usernames: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .build(),
         }
     }
 
-    pub fn of(instance: &Instance, capacity: u64) -> Self {
+    /// `dedup_as`: the bot id under which update ids are claimed (webhook mode), or `None`.
+    pub fn of(
+        instance: &Instance,
+        capacity: u64,
+        metrics: Arc<Metrics>,
+        dedup_as: Option<i64>,
+    ) -> Self {
         BotState::new(
             instance.repo.clone(),
             instance.cache.clone(),
             instance.listener.state_receiver(),
             instance.listener.stats().clone(),
             capacity,
+            metrics,
+            dedup_as,
         )
+    }
+
+    /// Counts one handled update in `rolecache_updates_total`.
+    pub fn count(&self, command: &str, outcome: commands::Outcome) {
+        self.metrics
+            .updates
+            .with_label_values(&[command, outcome.as_str()])
+            .inc();
     }
 
     /// Records the username the database holds for `id`.
@@ -99,12 +132,31 @@ impl BotState {
 }
 
 /// The handler tree. Pure: `Dispatcher::builder(bot, schema())` with an `Arc<BotState>`
-/// dependency runs it.
+/// dependency runs it. In webhook mode every update is first claimed (see [`dedup`]): a
+/// redelivery is dropped.
 pub fn schema() -> UpdateHandler<BotError> {
-    Update::filter_message()
-        .filter_map_async(middleware::identify)
-        .branch(command_tree())
-        .branch(dptree::endpoint(commands::not_a_command))
+    dptree::entry().filter_async(first_delivery).branch(
+        Update::filter_message()
+            .filter_map_async(middleware::identify)
+            .branch(command_tree())
+            .branch(dptree::endpoint(commands::not_a_command)),
+    )
+}
+
+/// Whether this instance handles `update`: it claimed it first, or the claim could not be
+/// checked.
+async fn first_delivery(update: Update, state: Arc<BotState>) -> bool {
+    let Some(updates) = &state.updates else {
+        return true;
+    };
+    match updates.claim(update.id.0).await {
+        dedup::Claim::First | dedup::Claim::Unchecked => true,
+        dedup::Claim::Duplicate => {
+            tracing::info!(update_id = update.id.0, "dropping a redelivered update");
+            state.metrics.duplicate_updates.inc();
+            false
+        }
+    }
 }
 
 fn command_tree() -> dptree::Handler<'static, Result<(), BotError>, DpHandlerDescription> {
@@ -138,6 +190,8 @@ mod tests {
             rx,
             Arc::default(),
             10,
+            Metrics::new(),
+            Some(1),
         ));
         let _dispatcher = Dispatcher::builder(Bot::new("1:test"), schema())
             .dependencies(dptree::deps![state])

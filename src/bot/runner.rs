@@ -1,7 +1,9 @@
 //! `rolecache run`: start the instance, make OWNER_ID the owner, follow role changes into the
-//! menus, serve `/metrics` and the health checks when asked, poll Telegram, and stop within a
-//! few seconds of SIGINT or SIGTERM.
+//! menus, serve `/metrics` and the health checks (and the webhook) when asked, receive updates —
+//! by long polling while this instance holds the polling leadership, or through the webhook —
+//! and stop within a few seconds of SIGINT or SIGTERM.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +13,16 @@ use anyhow::Context;
 use teloxide::dispatching::DefaultKey;
 use teloxide::error_handlers::LoggingErrorHandler;
 use teloxide::prelude::*;
-use teloxide::update_listeners::Polling;
+use teloxide::update_listeners::{Polling, UpdateListener};
 use teloxide::{ApiError, RequestError};
+use tokio::sync::watch;
 
-use super::{menus, reply, schema, BotError, BotState};
+use super::leader::{Election, LeaderConfig};
+use super::{menus, reply, schema, webhook, BotError, BotState};
 use crate::cache::RoleCache;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, UpdateSource};
 use crate::db::{RepoError, Repository};
+use crate::http::Metrics;
 use crate::instance::{Instance, InstanceOptions};
 use crate::role::UserId;
 
@@ -29,10 +34,22 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 const HTTP_STOP_LIMIT: Duration = Duration::from_millis(500);
 /// Then: time for the listener and the pool to stop.
 const CLOSE_LIMIT: Duration = Duration::from_millis(1500);
+/// Where webhook mode serves when ROLECACHE_HTTP_ADDR is unset.
+pub const DEFAULT_WEBHOOK_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
 
 /// Makes `user_id` the owner, registering them if needed; a no-op when they already are.
 const ENSURE_OWNER: &str = "INSERT INTO users (user_id, role) VALUES ($1, 'owner')
      ON CONFLICT (user_id) DO UPDATE SET role = 'owner' WHERE users.role <> 'owner'";
+
+/// What serving updates needs.
+struct Serving<'a> {
+    bot: Bot,
+    pg: &'a tokio_postgres::Config,
+    instance: &'a Instance,
+    capacity: u64,
+    metrics: Arc<Metrics>,
+}
 
 /// Runs the bot until `shutdown` completes.
 pub async fn run(
@@ -42,7 +59,7 @@ pub async fn run(
     http_addr: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let bot = build_bot(config)?;
+    let bot = build_bot(&config.token, config.api_url.as_deref())?;
     let cache = RoleCache::new(options.cache_capacity);
     // Subscribed before the listener starts, so the menus miss no change.
     let events = cache.subscribe();
@@ -52,39 +69,48 @@ pub async fn run(
             .await
             .with_context(|| format!("cannot make OWNER_ID {owner} the owner"))?;
     }
+    let metrics = Metrics::new();
+    let (routes, webhook_updates, http_addr) = match &config.updates {
+        UpdateSource::Webhook(hook) => {
+            let (routes, updates) = webhook::channel(hook, metrics.clone());
+            let addr = http_addr.unwrap_or(DEFAULT_WEBHOOK_ADDR);
+            (routes, Some(updates), Some(addr))
+        }
+        UpdateSource::Polling => (axum::Router::new(), None, http_addr),
+    };
     let http = match http_addr {
-        Some(addr) => Some(crate::http::spawn(addr, &instance).await?),
+        Some(addr) => {
+            Some(crate::http::spawn_with(addr, &instance, metrics.clone(), routes).await?)
+        }
         None => None,
     };
+    if let (UpdateSource::Webhook(hook), Some(http)) = (&config.updates, &http) {
+        tracing::info!(addr = %http.addr, path = %hook.url.path, "serving the webhook");
+    }
     let menus = tokio::spawn(menus::follow(bot.clone(), instance.repo.clone(), events));
-    let state = Arc::new(BotState::of(&instance, options.cache_capacity));
-    let mut dispatcher = Dispatcher::builder(bot.clone(), schema())
-        .dependencies(dptree::deps![state])
-        .default_handler(|update| async move {
-            tracing::debug!(
-                update_id = update.id.0,
-                "update not handled (no sender, or banned)"
-            );
-        })
-        .error_handler(Arc::new(reply::log_error))
-        .build();
-    // Our own signal task stops the dispatcher on SIGINT and SIGTERM alike (teloxide's ctrl-c
-    // handler covers SIGINT only), through the dispatcher's shutdown token.
-    let token = dispatcher.shutdown_token();
+    let context = Serving {
+        bot,
+        pg,
+        instance: &instance,
+        capacity: options.cache_capacity,
+        metrics,
+    };
+    let (stop, stopping) = watch::channel(false);
     let result = {
-        let serve = serve(&bot, &mut dispatcher);
+        let serve = serve(&context, webhook_updates, stopping);
         tokio::pin!(serve);
         tokio::select! {
             result = &mut serve => result,
             () = shutdown => {
                 tracing::info!("shutting down");
-                // Err: not dispatching yet (still reaching Telegram); dropping `serve` stops it.
-                if token.shutdown().is_ok()
-                    && tokio::time::timeout(DRAIN_LIMIT, &mut serve).await.is_err()
-                {
-                    tracing::warn!("updates still in hand after {DRAIN_LIMIT:?}; dropping them");
+                stop.send_replace(true);
+                match tokio::time::timeout(DRAIN_LIMIT, &mut serve).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!("updates still in hand after {DRAIN_LIMIT:?}; dropping them");
+                        Ok(())
+                    }
                 }
-                Ok(())
             }
         }
     };
@@ -106,21 +132,164 @@ pub async fn run(
     result
 }
 
-/// Reaches Telegram, sets the default menu, then long-polls until the dispatcher is stopped.
+/// Reaches Telegram, sets the default menu, then dispatches the webhook's updates, or polls
+/// while leader, until `stop` turns true.
 async fn serve(
-    bot: &Bot,
-    dispatcher: &mut Dispatcher<Bot, BotError, DefaultKey>,
+    context: &Serving<'_>,
+    webhook_updates: Option<impl UpdateListener<Err = Infallible> + Send>,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let me = wait_for_telegram(bot).await?;
+    let bot = &context.bot;
+    let me = tokio::select! {
+        me = wait_for_telegram(bot) => me?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    };
     tracing::info!(username = ?me.username, "connected to Telegram");
     if let Err(e) = menus::set_default(bot).await {
         tracing::warn!(error = %e, "could not set the default command menu");
     }
-    let polling = Polling::builder(bot.clone())
-        .timeout(POLL_TIMEOUT)
-        .delete_webhook()
-        .await
-        .build();
+    let bot_id = i64::try_from(me.id.0).context("the bot's id is out of range")?;
+    let state = Arc::new(BotState::of(
+        context.instance,
+        context.capacity,
+        context.metrics.clone(),
+        webhook_updates.is_some().then_some(bot_id),
+    ));
+    let cleanup = state
+        .updates
+        .clone()
+        .map(|updates| AbortOnDrop(updates.spawn_cleanup()));
+    let result = match webhook_updates {
+        Some(updates) => serve_webhook(bot, state, updates, stop).await,
+        None => serve_polling(context, bot_id, state, stop).await,
+    };
+    drop(cleanup);
+    result
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The dispatcher over the handler tree.
+fn dispatcher(bot: &Bot, state: Arc<BotState>) -> Dispatcher<Bot, BotError, DefaultKey> {
+    Dispatcher::builder(bot.clone(), schema())
+        .dependencies(dptree::deps![state])
+        .default_handler(|update| async move {
+            tracing::debug!(
+                update_id = update.id.0,
+                "update not handled (a redelivery, no sender, or banned)"
+            );
+        })
+        .error_handler(Arc::new(reply::log_error))
+        .build()
+}
+
+/// Dispatches the webhook's updates until `stop`; then drains what was accepted.
+async fn serve_webhook(
+    bot: &Bot,
+    state: Arc<BotState>,
+    updates: impl UpdateListener<Err = Infallible> + Send,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut dispatcher = dispatcher(bot, state);
+    // The dispatcher's shutdown stops the listener: the webhook answers 503 from then on
+    // (Telegram redelivers through the load balancer) and what was accepted is still handled.
+    let token = dispatcher.shutdown_token();
+    let dispatch = dispatcher.try_dispatch_with_listener(
+        updates,
+        LoggingErrorHandler::with_custom_text("webhook listener failed"),
+    );
+    tokio::pin!(dispatch);
+    tokio::select! {
+        result = &mut dispatch => result.context("cannot start dispatching"),
+        _ = stop.wait_for(|s| *s) => {
+            if token.shutdown().is_ok() {
+                let _ = (&mut dispatch).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// How one term of polling ended.
+enum Term {
+    Ended(anyhow::Result<()>),
+    Lost,
+    Stopped,
+}
+
+/// Stands by until this instance holds the leader lock, polls while it does, stands by again
+/// when it is lost; until `stop`.
+async fn serve_polling(
+    context: &Serving<'_>,
+    bot_id: i64,
+    state: Arc<BotState>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let bot = &context.bot;
+    let election = Election::start(context.pg, bot_id, LeaderConfig::default());
+    let mut leader = election.leader();
+    tracing::info!("standing by for the polling leadership");
+    loop {
+        tokio::select! {
+            found = leader.wait_for(|l| *l) => {
+                found.context("the leader election stopped")?;
+            }
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        context.metrics.leader.set(1);
+        let mut dispatcher = dispatcher(bot, state.clone());
+        let token = dispatcher.shutdown_token();
+        let term = {
+            let poll = poll(bot, &mut dispatcher);
+            tokio::pin!(poll);
+            tokio::select! {
+                result = &mut poll => Term::Ended(result),
+                // Dropping `poll` cancels the getUpdates in flight: no second poller, ever.
+                _ = leader.wait_for(|l| !*l) => Term::Lost,
+                _ = stop.wait_for(|s| *s) => {
+                    // Err: not dispatching yet; dropping `poll` stops it.
+                    if token.shutdown().is_ok() {
+                        let _ = (&mut poll).await;
+                    }
+                    Term::Stopped
+                }
+            }
+        };
+        context.metrics.leader.set(0);
+        match term {
+            Term::Ended(result) => {
+                result?;
+                anyhow::bail!("polling ended on its own");
+            }
+            Term::Lost => tracing::warn!("polling stopped: leadership lost; standing by"),
+            Term::Stopped => return Ok(()),
+        }
+        drop(dispatcher);
+    }
+}
+
+/// Long-polls until the dispatcher is stopped. The webhook is never deleted here (that would
+/// unhook a fleet in webhook mode); a leader that finds one set says so.
+async fn poll(
+    bot: &Bot,
+    dispatcher: &mut Dispatcher<Bot, BotError, DefaultKey>,
+) -> anyhow::Result<()> {
+    match bot.get_webhook_info().await {
+        Ok(info) if info.url.is_some() => tracing::error!(
+            "a webhook is set for this bot: Telegram refuses getUpdates until \
+             `rolecache delete-webhook` removes it (or run with WEBHOOK_URL)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not check for a webhook"),
+    }
+    let polling = Polling::builder(bot.clone()).timeout(POLL_TIMEOUT).build();
     dispatcher
         .try_dispatch_with_listener(
             polling,
@@ -154,13 +323,12 @@ async fn wait_for_telegram(bot: &Bot) -> anyhow::Result<teloxide::types::Me> {
 }
 
 /// The bot with its token and, when given, a Bot API server of its own.
-fn build_bot(config: &RunConfig) -> anyhow::Result<Bot> {
-    let bot = Bot::with_client(config.token.clone(), teloxide::net::client_from_env());
-    let Some(url) = &config.api_url else {
+pub fn build_bot(token: &str, api_url: Option<&str>) -> anyhow::Result<Bot> {
+    let bot = Bot::with_client(token, teloxide::net::client_from_env());
+    let Some(url) = api_url else {
         return Ok(bot);
     };
-    // `Url::join` with an absolute URL yields that URL: a parse without naming the `url` crate,
-    // which this crate does not depend on directly.
+    // `Url::join` with an absolute URL yields that URL (and keeps teloxide's own `Url` type).
     let url = bot
         .api_url()
         .join(url)

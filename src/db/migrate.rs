@@ -12,11 +12,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Never edit one that has shipped: add a new one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "users_roles_and_triggers",
-    sql: include_str!("../../sql/0001_users_roles_and_triggers.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "users_roles_and_triggers",
+        sql: include_str!("../../sql/0001_users_roles_and_triggers.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "telegram_update_dedup",
+        sql: include_str!("../../sql/0002_telegram_update_dedup.sql"),
+    },
+];
 
 /// Key of the advisory lock that serializes migration runners ("rolecach" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x726f_6c65_6361_6368;

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub updates: IntCounterVec,
     /// 1 while this instance is the polling leader (fed by the bot).
     pub leader: IntGauge,
+    /// Webhook requests, by result (fed by the bot's webhook).
+    pub webhook_requests: IntCounterVec,
+    /// Updates dropped because another delivery of them was claimed first (fed by the bot).
+    pub duplicate_updates: IntCounter,
     /// Any further gauges by name (e.g. per-mode flags), fed by their owners.
     pub info: IntGaugeVec,
 }
@@ -87,6 +91,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(updates.clone()))
+            .expect("unique metric");
+        let webhook_requests = IntCounterVec::new(
+            Opts::new(
+                "rolecache_webhook_requests_total",
+                "Webhook requests, by result (accepted, unauthorized, bad_request, unavailable)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(webhook_requests.clone()))
             .expect("unique metric");
         let info = IntGaugeVec::new(
             Opts::new("rolecache_info", "Static facts about this instance"),
@@ -169,6 +183,12 @@ impl Metrics {
             ),
             updates,
             leader: gauge(&r, "leader", "1 while this instance is the polling leader"),
+            webhook_requests,
+            duplicate_updates: counter(
+                &r,
+                "duplicate_updates_total",
+                "Updates dropped because another delivery of them was handled (here or elsewhere)",
+            ),
             info,
             registry: r,
         })

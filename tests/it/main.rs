@@ -2,7 +2,6 @@
 //! real PostgreSQL (see `harness`).
 
 mod harness;
-mod telegram_stub;
 
 mod bot;
 mod faults;

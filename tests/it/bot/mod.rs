@@ -2,9 +2,11 @@
 //! on a database of each test's own.
 
 mod commands;
+mod failover;
 mod lifecycle;
 mod propagation;
 mod trouble;
+mod webhook;
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::harness::TestDb;
-use crate::telegram_stub::{StubBot, TelegramStub, TgUser};
+use rolecache::telegram_stub::{StubBot, TelegramStub, TgUser};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
 
@@ -45,6 +47,7 @@ pub struct Spawn<'a> {
     token: String,
     owner: Option<i64>,
     rust_log: String,
+    env: Vec<(String, String)>,
 }
 
 impl<'a> Spawn<'a> {
@@ -55,7 +58,14 @@ impl<'a> Spawn<'a> {
             token: token.to_string(),
             owner: None,
             rust_log: "info".to_string(),
+            env: Vec::new(),
         }
+    }
+
+    /// One more environment variable for the process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn owner(mut self, owner: i64) -> Self {
@@ -77,6 +87,9 @@ impl<'a> Spawn<'a> {
             .env("TELOXIDE_API_URL", self.stub.url())
             .env_remove("TELOXIDE_PROXY")
             .env_remove("OWNER_ID")
+            .env_remove("ROLECACHE_HTTP_ADDR")
+            .env_remove("WEBHOOK_URL")
+            .env_remove("WEBHOOK_SECRET")
             .env("ROLECACHE_POOL_SIZE", "4")
             .env("ROLECACHE_PING_INTERVAL", "500ms")
             .env("ROLECACHE_PING_TIMEOUT", "3s")
@@ -88,6 +101,7 @@ impl<'a> Spawn<'a> {
         if let Some(owner) = self.owner {
             command.env("OWNER_ID", owner.to_string());
         }
+        command.envs(self.env);
         let mut child = command.spawn().expect("spawn rolecache run");
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
@@ -106,6 +120,26 @@ impl BotProcess {
     /// Its stderr so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a line of its stderr contains `needle`; returns that line.
+    pub async fn wait_log(&self, needle: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?} within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether a line of its stderr so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log().iter().any(|l| l.contains(needle))
     }
 
     pub fn pid(&self) -> i32 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{whoami, Spawn, World, ADMIN_MENU, TOKEN, USER_MENU};
 use crate::harness::{eventually, TestDb};
-use crate::telegram_stub::{TelegramStub, TgUser};
+use rolecache::telegram_stub::{TelegramStub, TgUser};
 
 #[tokio::test]
 async fn promotion_in_sql_applies_to_the_very_next_message_and_the_menu() {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{whoami, World};
-use crate::telegram_stub::TgUser;
+use rolecache::telegram_stub::TgUser;
 
 /// Reads and writes of `users` as the statistics collector reports them.
 async fn users_activity(world: &World) -> i64 {
@@ -116,11 +116,16 @@ async fn database_unreachable_fails_closed_for_privileged_commands_only() {
     assert_eq!(whoami(&bot.ask(&owner, "/whoami").await).1, "owner");
     let name = world.db.name().to_string();
     let admin = world.db.admin().await;
+    // The polling leader's lock session is spared: without it the process stops polling at once
+    // (a lost lock means another instance may be polling; see the failover tests), and nothing
+    // would be answered at all.
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false;
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+             WHERE datname = '{name}' AND pid <> pg_backend_pid()
+               AND application_name <> '{}';",
+            rolecache::bot::leader::APPLICATION_NAME
         ))
         .await
         .unwrap();

@@ -1,5 +1,8 @@
 //! A stand-in for the Telegram Bot API: a real HTTP server (axum) on 127.0.0.1:0 that teloxide
-//! talks to through `TELOXIDE_API_URL`.
+//! talks to through `TELOXIDE_API_URL`. Test support, shared by the integration tests and the
+//! end-to-end section of `rolecache bench`: its waiting helpers (`reply_to`, `wait_for`, …)
+//! panic when their deadline passes, as test assertions do; the bench uses only
+//! [`TelegramStub::try_start`], [`StubBot::send`] and [`TelegramStub::requests`].
 //!
 //! * `{url}/bot{token}/{Method}`: method names are matched case-insensitively; every request is
 //!   recorded (token, method, JSON or form body).
@@ -8,10 +11,14 @@
 //! * `sendMessage` answers a valid `Message`; `getMe` a full bot `User`; the rest `true`.
 //! * It never answers 5xx (teloxide sleeps 10 s after one). Tests can make the next call of a
 //!   method fail with a Telegram error (e.g. 429 with `retry_after`, 403 blocked).
+//! * Like Telegram, one `getUpdates` at a time per token: a second one while another is in
+//!   flight terminates the first with 409 Conflict, and is counted ([`StubBot::conflicts`]).
+//! * Updates can also be built without queueing them ([`StubBot::update`]), for tests that
+//!   deliver them to a webhook themselves.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -73,6 +80,11 @@ struct Queue {
     /// The highest offset a `getUpdates` confirmed.
     confirmed: i64,
     polls: u64,
+    /// The `getUpdates` in flight (its number), if any.
+    active_poll: Option<u64>,
+    next_poll: u64,
+    /// Polls terminated by another one (Telegram's 409 Conflict).
+    conflicts: u64,
 }
 
 #[derive(Default)]
@@ -82,6 +94,8 @@ struct Stub {
     next_message_id: i64,
     /// Errors to answer to the next calls of a method (lower case), per token.
     failures: HashMap<(String, String), VecDeque<(StatusCode, Value)>>,
+    /// Requests per (token, method), kept beside `requests` for cheap counting.
+    counts: HashMap<(String, String), usize>,
 }
 
 struct Shared {
@@ -114,7 +128,14 @@ impl Drop for TelegramStub {
 pub const SOON: Duration = Duration::from_secs(10);
 
 impl TelegramStub {
+    /// Starts the stand-in; panics if it cannot bind (tests).
     pub async fn start() -> TelegramStub {
+        TelegramStub::try_start()
+            .await
+            .expect("bind the Bot API stand-in on 127.0.0.1")
+    }
+
+    pub async fn try_start() -> std::io::Result<TelegramStub> {
         let shared = Arc::new(Shared {
             stub: Mutex::new(Stub::default()),
             changed: Notify::new(),
@@ -122,18 +143,16 @@ impl TelegramStub {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the stand-in");
-        let addr = listener.local_addr().expect("local addr");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        TelegramStub {
+        Ok(TelegramStub {
             addr,
             shared,
             server,
-        }
+        })
     }
 
     /// The `TELOXIDE_API_URL` for bots talking to this stand-in.
@@ -152,6 +171,31 @@ impl TelegramStub {
             stub: self,
             token: token.to_string(),
             cursors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many `method` (lower case) requests bot `token` made so far.
+    pub fn count(&self, token: &str, method: &str) -> usize {
+        let key = (token.to_string(), method.to_string());
+        self.shared.lock().counts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Waits until bot `token` has made at least `n` `method` requests, or `limit` passes;
+    /// returns whether it did (never panics).
+    pub async fn wait_count(&self, token: &str, method: &str, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.count(token, method) >= n {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left, changed).await;
         }
     }
 
@@ -198,6 +242,28 @@ impl StubBot<'_> {
 
     /// `from` writes `text` in chat `chat_id` (a group when it differs from `from.id`).
     pub fn send_in(&self, chat_id: i64, from: &TgUser, text: &str) -> i64 {
+        let mut stub = self.stub.shared.lock();
+        let (update_id, update) = self.update_in(&mut stub, chat_id, from, text);
+        let queue = stub.queues.entry(self.token.clone()).or_default();
+        queue.updates.push_back((update_id, update));
+        drop(stub);
+        self.stub.shared.changed.notify_waiters();
+        update_id
+    }
+
+    /// The update of `from` writing `text` in their private chat, with a fresh update id, not
+    /// queued for `getUpdates` (for a test to post to a webhook).
+    pub fn update(&self, from: &TgUser, text: &str) -> Value {
+        self.update_in(&mut self.stub.shared.lock(), from.id, from, text)
+            .1
+    }
+
+    /// Polls answered 409 because another `getUpdates` arrived while they were in flight.
+    pub fn conflicts(&self) -> u64 {
+        self.stub.shared.lock().queues[&self.token].conflicts
+    }
+
+    fn update_in(&self, stub: &mut Stub, chat_id: i64, from: &TgUser, text: &str) -> (i64, Value) {
         let chat = if chat_id == from.id {
             let mut chat = from.json();
             if let Some(c) = chat.as_object_mut() {
@@ -208,7 +274,6 @@ impl StubBot<'_> {
         } else {
             json!({"id": chat_id, "type": "group", "title": "test group"})
         };
-        let mut stub = self.stub.shared.lock();
         stub.next_message_id += 1;
         let message_id = stub.next_message_id;
         let queue = stub.queues.entry(self.token.clone()).or_default();
@@ -230,13 +295,10 @@ impl StubBot<'_> {
                 .count();
             message["entities"] = json!([{"type": "bot_command", "offset": 0, "length": len}]);
         }
-        queue.updates.push_back((
+        (
             update_id,
             json!({"update_id": update_id, "message": message}),
-        ));
-        drop(stub);
-        self.stub.shared.changed.notify_waiters();
-        update_id
+        )
     }
 
     /// The texts this bot sent to `chat_id`, in order.
@@ -250,7 +312,12 @@ impl StubBot<'_> {
     }
 
     pub async fn reply_in(&self, chat_id: i64) -> String {
-        let seen = *self.cursors.lock().unwrap().get(&chat_id).unwrap_or(&0);
+        let seen = *self
+            .cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&chat_id)
+            .unwrap_or(&0);
         let what = format!("a reply from bot {} in chat {chat_id}", self.token);
         let text = self
             .stub
@@ -260,7 +327,10 @@ impl StubBot<'_> {
                     .cloned()
             })
             .await;
-        self.cursors.lock().unwrap().insert(chat_id, seen + 1);
+        self.cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(chat_id, seen + 1);
         text
     }
 
@@ -398,6 +468,10 @@ async fn handle(
             .failures
             .get_mut(&(token.clone(), method.clone()))
             .and_then(VecDeque::pop_front);
+        *stub
+            .counts
+            .entry((token.clone(), method.clone()))
+            .or_default() += 1;
         stub.requests.push(Recorded {
             token: token.clone(),
             method: method.clone(),
@@ -422,18 +496,59 @@ async fn handle(
         "getwebhookinfo" => {
             json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})
         }
-        "getupdates" => get_updates(&shared, &token, &body).await,
+        "getupdates" => match get_updates(&shared, &token, &body).await {
+            Some(updates) => updates,
+            None => {
+                let conflict = json!({"ok": false, "error_code": 409,
+                    "description": "Conflict: terminated by other getUpdates request; \
+                                    make sure that only one bot instance is running"});
+                return (StatusCode::CONFLICT, Json(conflict)).into_response();
+            }
+        },
         "sendmessage" => send_message(&shared, &token, &body),
         _ => json!(true),
     };
     Json(json!({"ok": true, "result": result})).into_response()
 }
 
-async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
+/// Clears a token's poll in flight when that poll ends (answered, or dropped because its client
+/// went away).
+struct ActivePoll<'a> {
+    shared: &'a Shared,
+    token: &'a str,
+    id: u64,
+}
+
+impl Drop for ActivePoll<'_> {
+    fn drop(&mut self) {
+        let mut stub = self.shared.lock();
+        if let Some(queue) = stub.queues.get_mut(self.token) {
+            if queue.active_poll == Some(self.id) {
+                queue.active_poll = None;
+            }
+        }
+    }
+}
+
+/// The updates to answer, or `None`: terminated by a newer poll (409).
+async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value> {
     let offset = as_i64(&body["offset"]).unwrap_or(0);
     let limit = as_i64(&body["limit"]).unwrap_or(100).clamp(1, 100) as usize;
     let timeout = Duration::from_secs(as_i64(&body["timeout"]).unwrap_or(0).max(0) as u64);
     let deadline = Instant::now() + timeout;
+    let id = {
+        let mut stub = shared.lock();
+        let queue = stub.queues.entry(token.to_string()).or_default();
+        queue.next_poll += 1;
+        if queue.active_poll.is_some() {
+            queue.conflicts += 1;
+        }
+        queue.active_poll = Some(queue.next_poll);
+        queue.next_poll
+    };
+    // Wakes the poll this one terminates.
+    shared.changed.notify_waiters();
+    let _active = ActivePoll { shared, token, id };
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -441,6 +556,9 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
         {
             let mut stub = shared.lock();
             let queue = stub.queues.entry(token.to_string()).or_default();
+            if queue.active_poll != Some(id) {
+                return None;
+            }
             queue.polls += 1;
             if offset > 0 {
                 queue.confirmed = queue.confirmed.max(offset - 1);
@@ -456,7 +574,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Value {
                 .map(|(_, u)| u.clone())
                 .collect();
             if !ready.is_empty() || Instant::now() >= deadline {
-                return Value::Array(ready);
+                return Some(Value::Array(ready));
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -492,10 +610,17 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Value {
         return value;
     }
     let text = String::from_utf8_lossy(body);
-    let is_form = headers
+    let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        .unwrap_or_default();
+    if let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data")
+        .and_then(|rest| rest.split("boundary=").nth(1))
+    {
+        return parse_multipart(&text, boundary.trim_matches('"'));
+    }
+    let is_form = content_type.starts_with("application/x-www-form-urlencoded");
     if !is_form {
         return Value::String(text.into_owned());
     }
@@ -504,6 +629,27 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Value {
         Some((percent_decode(k), Value::String(percent_decode(v))))
     });
     Value::Object(fields.collect())
+}
+
+/// A multipart form (setWebhook is sent as one) as a JSON object; JSON-looking fields parsed.
+fn parse_multipart(text: &str, boundary: &str) -> Value {
+    let mut fields = serde_json::Map::new();
+    for part in text.split(&format!("--{boundary}")) {
+        let Some((head, value)) = part.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let Some(name) = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let value = value.strip_suffix("\r\n").unwrap_or(value);
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.into()));
+        fields.insert(name.to_string(), value);
+    }
+    Value::Object(fields)
 }
 
 fn percent_decode(text: &str) -> String {
@@ -529,38 +675,43 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn stand_in_answers_what_teloxide_can_parse() {
-    use teloxide::prelude::*;
-    let stub = TelegramStub::start().await;
-    let bot = teloxide::Bot::new("7:abc").set_api_url(stub.url().parse().expect("url"));
-    let me = bot.get_me().await.expect("getMe parses");
-    assert!(me.user.is_bot);
-    assert_eq!(me.username(), "test_7_bot");
-    let sent = bot
-        .send_message(ChatId(5), "hi")
-        .await
-        .expect("sendMessage parses");
-    assert_eq!(sent.text(), Some("hi"));
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let driver = stub.bot("7:abc");
-    let ann = TgUser::new(5, "ann");
-    let first = driver.send(&ann, "/whoami");
-    let updates = bot.get_updates().await.expect("getUpdates parses");
-    assert_eq!(updates.len(), 1);
-    assert_eq!(updates[0].id.0 as i64, first);
-    // A long poll returns as soon as an update arrives.
-    let started = Instant::now();
-    let poll = bot.get_updates().offset(first as i32 + 1).timeout(5).send();
-    let push = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        driver.send(&ann, "/start")
-    };
-    let (updates, second) = tokio::join!(poll, push);
-    let updates = updates.expect("long poll");
-    assert_eq!(updates.len(), 1);
-    assert_eq!(updates[0].id.0 as i64, second);
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(driver.confirmed(), first);
-    assert_eq!(driver.reply_to(&TgUser::new(5, "x")).await, "hi");
+    #[tokio::test]
+    async fn stand_in_answers_what_teloxide_can_parse() {
+        use teloxide::prelude::*;
+        let stub = TelegramStub::start().await;
+        let bot = teloxide::Bot::new("7:abc").set_api_url(stub.url().parse().expect("url"));
+        let me = bot.get_me().await.expect("getMe parses");
+        assert!(me.user.is_bot);
+        assert_eq!(me.username(), "test_7_bot");
+        let sent = bot
+            .send_message(ChatId(5), "hi")
+            .await
+            .expect("sendMessage parses");
+        assert_eq!(sent.text(), Some("hi"));
+
+        let driver = stub.bot("7:abc");
+        let ann = TgUser::new(5, "ann");
+        let first = driver.send(&ann, "/whoami");
+        let updates = bot.get_updates().await.expect("getUpdates parses");
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].id.0 as i64, first);
+        // A long poll returns as soon as an update arrives.
+        let started = Instant::now();
+        let poll = bot.get_updates().offset(first as i32 + 1).timeout(5).send();
+        let push = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            driver.send(&ann, "/start")
+        };
+        let (updates, second) = tokio::join!(poll, push);
+        let updates = updates.expect("long poll");
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].id.0 as i64, second);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(driver.confirmed(), first);
+        assert_eq!(driver.reply_to(&TgUser::new(5, "x")).await, "hi");
+    }
 }
