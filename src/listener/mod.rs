@@ -308,7 +308,14 @@ impl Listener {
             };
         let (tx, mut rx) = mpsc::channel(self.config.queue_capacity);
         let overflow = Arc::new(AtomicU64::new(0));
-        let driver = AbortOnDrop(tokio::spawn(drive(connection, tx, overflow.clone())));
+        let pong = Arc::new(Pong::default());
+        let driver = AbortOnDrop(tokio::spawn(drive(
+            connection,
+            tx,
+            overflow.clone(),
+            self.ping_channel.clone(),
+            pong.clone(),
+        )));
 
         // The session is idle between notifications by design, and its liveness is proven by
         // the ping: exempt it from a DBA's `idle_session_timeout` (PostgreSQL 14+; the lookup in
@@ -345,13 +352,14 @@ impl Listener {
                     Some(item) => {
                         self.note_overflow(&overflow, &mut session);
                         if item.generation == session.seen_overflow {
-                            self.handle(item, &mut session).await;
+                            self.handle(item).await;
                         }
                     }
                     None => return driver.finish().await,
                 },
                 _ = tick.tick() => {
                     self.note_overflow(&overflow, &mut session);
+                    session.ping.check_answer(&pong, &self.stats);
                     if let Err(e) = self.housekeeping(&client, &mut session).await {
                         return e;
                     }
@@ -375,12 +383,8 @@ impl Listener {
         }
     }
 
-    async fn handle(&self, item: Received, session: &mut Session) {
+    async fn handle(&self, item: Received) {
         let notification = item.notification;
-        if notification.channel() == self.ping_channel {
-            session.ping.answered(notification.payload(), &self.stats);
-            return;
-        }
         if notification.channel() != CHANNEL {
             return;
         }
@@ -537,15 +541,39 @@ impl Ping {
         self.next_id
     }
 
-    fn answered(&mut self, payload: &str, stats: &ListenerStats) {
-        if let Some((id, sent)) = self.outstanding {
-            if payload.parse::<u64>() == Ok(id) {
-                self.outstanding = None;
-                let rtt = sent.elapsed().as_micros().min(u64::MAX as u128) as u64;
-                stats.last_ping_rtt_us.store(rtt, Ordering::Relaxed);
-                stats.pings.fetch_add(1, Ordering::Relaxed);
+    /// Clears the outstanding ping once the socket reader has seen its answer.
+    fn check_answer(&mut self, pong: &Pong, stats: &ListenerStats) {
+        let (Some((id, sent)), Some((answered, at))) = (self.outstanding, pong.latest()) else {
+            return;
+        };
+        if answered >= id {
+            self.outstanding = None;
+            let rtt = at.saturating_duration_since(sent).as_micros();
+            stats
+                .last_ping_rtt_us
+                .store(rtt.min(u64::MAX as u128) as u64, Ordering::Relaxed);
+            stats.pings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The newest ping answer the socket reader has seen, and when. Pings bypass the bounded queue:
+/// a slow consumer or an overflow must not make a live connection look dead.
+#[derive(Default)]
+struct Pong(std::sync::Mutex<Option<(u64, Instant)>>);
+
+impl Pong {
+    fn record(&self, payload: &str) {
+        if let Ok(id) = payload.parse::<u64>() {
+            let mut latest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if latest.map_or(true, |(seen, _)| id > seen) {
+                *latest = Some((id, Instant::now()));
             }
         }
+    }
+
+    fn latest(&self) -> Option<(u64, Instant)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -556,12 +584,14 @@ struct Received {
     generation: u64,
 }
 
-/// Reads the connection continuously: notifications go into the bounded queue (or are dropped,
-/// bumping `overflow`, when it is full); returns when the connection ends.
+/// Reads the connection continuously: ping answers go to `pong`, notifications into the bounded
+/// queue (or are dropped, bumping `overflow`, when it is full); returns when the connection ends.
 async fn drive<S, T>(
     mut connection: Connection<S, T>,
     queue: mpsc::Sender<Received>,
     overflow: Arc<AtomicU64>,
+    ping_channel: String,
+    pong: Arc<Pong>,
 ) -> Result<(), tokio_postgres::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -570,6 +600,9 @@ where
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     while let Some(message) = messages.next().await {
         match message? {
+            AsyncMessage::Notification(notification) if notification.channel() == ping_channel => {
+                pong.record(notification.payload());
+            }
             AsyncMessage::Notification(notification) => {
                 let item = Received {
                     notification,

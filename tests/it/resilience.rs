@@ -363,3 +363,37 @@ async fn change_committed_while_the_listener_is_away_is_seen_after_reconnect() {
     assert_eq!(resyncs(&instance, ResyncReason::Reconnect), 1);
     instance.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_backlog_longer_than_the_ping_timeout_does_not_look_like_a_dead_connection() {
+    let db = TestDb::new().await;
+    db.sql("INSERT INTO users (user_id) VALUES (1)").await;
+    let mut options = fast_options();
+    options.listener.ping_interval = Duration::from_millis(200);
+    options.listener.ping_timeout = Duration::from_secs(1);
+    options.listener.slow_consumer = Some(Duration::from_millis(5));
+    let instance = db.instance_with(options).await;
+    // 600 notifications at 5 ms each: a backlog of about 3 s, three ping timeouts long.
+    let mut burst = String::from("BEGIN;");
+    for n in 0..600 {
+        let role = if n % 2 == 0 { "admin" } else { "user" };
+        burst.push_str(&format!(
+            "UPDATE users SET role = '{role}' WHERE user_id = 1;"
+        ));
+    }
+    burst.push_str("COMMIT;");
+    db.sql(&burst).await;
+    eventually(SOON * 2, "backlog drained", || async {
+        instance.cache.stats().events_applied >= 600
+    })
+    .await;
+    let stats = instance.listener.stats();
+    assert_eq!(
+        stats.reconnects.load(Ordering::Relaxed),
+        0,
+        "a ping stuck behind the backlog"
+    );
+    assert!(stats.pings.load(Ordering::Relaxed) >= 5);
+    assert_eq!(instance.listener.state(), ListenerState::Synced);
+    instance.shutdown().await;
+}
