@@ -134,7 +134,19 @@ async fn measure(
         version: (0..=config.users).map(|_| AtomicI64::new(0)).collect(),
         at_ns: (0..=config.users).map(|_| AtomicU64::new(0)).collect(),
     });
-    let zipf = Arc::new(Zipf::new(config.users, 1.0));
+    // Keys are drawn before any clock starts, so that the loops measure lookups rather than the
+    // sampler.
+    let zipf = Zipf::new(config.users, 1.0);
+    let keys: Arc<Vec<Vec<usize>>> = Arc::new(
+        (0..config.tasks)
+            .map(|seed| {
+                let mut rng = fastrand::Rng::with_seed(seed as u64 + 1);
+                (0..KEYS_PER_TASK)
+                    .map(|_| zipf.sample(&mut rng) + 1)
+                    .collect()
+            })
+            .collect(),
+    );
     let queries = Arc::new(AtomicU64::new(0));
 
     // Steady state: every user cached before the clock starts (the caches are filled the way
@@ -142,7 +154,7 @@ async fn measure(
     prime(db, &strategy).await?;
     let warm_end = Instant::now() + config.warmup;
     run_tasks(
-        config, &strategy, &zipf, &committed, &queries, warm_end, false,
+        config, &strategy, &keys, &committed, &queries, warm_end, false,
     )
     .await?;
     let queries_before = queries.load(Ordering::Relaxed);
@@ -158,12 +170,12 @@ async fn measure(
     ));
     let started = Instant::now();
     let end = started + config.duration;
-    let outcome = run_tasks(config, &strategy, &zipf, &committed, &queries, end, true).await?;
+    let outcome = run_tasks(config, &strategy, &keys, &committed, &queries, end, true).await?;
     let elapsed = started.elapsed();
     writer.abort();
     let role_changes = changes.load(Ordering::Relaxed);
 
-    let lookups = outcome.histogram.count();
+    let lookups = outcome.lookups;
     let (db_queries, hit_rate) = match (&strategy, hits_before, cache_hits(&strategy)) {
         // Every miss of the event cache is one query (a load, or a read while bypassing).
         (Strategy::Event(_), Some((h0, m0)), Some((h1, m1))) => {
@@ -201,8 +213,15 @@ fn cache_hits(strategy: &Strategy) -> Option<(u64, u64)> {
     }
 }
 
+/// Keys drawn in advance per task (cycled through).
+const KEYS_PER_TASK: usize = 1 << 18;
+/// One lookup in this many is timed for the latency histogram (two clock reads cost about as
+/// much as a cached lookup).
+const TIME_EVERY: u64 = 8;
+
 #[derive(Default)]
 struct TaskOutcome {
+    lookups: u64,
     histogram: Histogram,
     stale_reads: u64,
     max_staleness: Duration,
@@ -211,7 +230,7 @@ struct TaskOutcome {
 async fn run_tasks(
     config: &LookupConfig,
     strategy: &Strategy,
-    zipf: &Arc<Zipf>,
+    keys: &Arc<Vec<Vec<usize>>>,
     committed: &Arc<Committed>,
     queries: &Arc<AtomicU64>,
     end: Instant,
@@ -220,31 +239,35 @@ async fn run_tasks(
     let tasks: Vec<_> = (0..config.tasks)
         .map(|seed| {
             let strategy = strategy.clone();
-            let zipf = zipf.clone();
+            let keys = keys.clone();
             let committed = committed.clone();
             let queries = queries.clone();
             tokio::spawn(async move {
-                let mut rng = fastrand::Rng::with_seed(seed as u64 + 1);
+                let keys = &keys[seed];
                 let mut out = TaskOutcome::default();
                 let mut n: u64 = 0;
                 loop {
                     if n % 256 == 0 && Instant::now() >= end {
                         break;
                     }
+                    let id = keys[n as usize % keys.len()];
+                    let timed = record && n % TIME_EVERY == 0;
                     n += 1;
-                    let id = zipf.sample(&mut rng) + 1;
                     let floor = committed.version[id].load(Ordering::Acquire);
-                    let began = Instant::now();
+                    let began = timed.then(Instant::now);
                     let state = strategy.lookup(id as UserId, &queries).await?;
-                    let took = began.elapsed();
+                    if let Some(began) = began {
+                        out.histogram.record_duration(began.elapsed());
+                    }
                     if record {
-                        out.histogram.record_duration(took);
+                        out.lookups += 1;
                         if state.version < floor {
                             out.stale_reads += 1;
                             let at = committed.start
                                 + Duration::from_nanos(committed.at_ns[id].load(Ordering::Acquire));
-                            out.max_staleness =
-                                out.max_staleness.max(began.saturating_duration_since(at));
+                            out.max_staleness = out
+                                .max_staleness
+                                .max(Instant::now().saturating_duration_since(at));
                         }
                     }
                     if n % 64 == 0 {
@@ -258,6 +281,7 @@ async fn run_tasks(
     let mut total = TaskOutcome::default();
     for task in tasks {
         let out = task.await.context("lookup task")??;
+        total.lookups += out.lookups;
         total.histogram.merge(&out.histogram);
         total.stale_reads += out.stale_reads;
         total.max_staleness = total.max_staleness.max(out.max_staleness);

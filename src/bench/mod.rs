@@ -43,7 +43,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "lookup,propagation,bulk,memory"
+        default_value = "lookup,propagation,bulk,memory,e2e"
     )]
     pub sections: Vec<Section>,
     /// Internal: fill one cache and print bytes per entry (used by the memory section).
