@@ -3,13 +3,11 @@
 //! read into a bounded queue and the excess dropped), the overflow must resync, the server's
 //! notification queue must not back up, and the instance must converge afterwards.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rolecache::cache::ResyncReason;
-use rolecache::instance::Instance;
 use rolecache::listener::ListenerState;
 
 use crate::harness::{eventually, fast_options, TestDb};
@@ -40,30 +38,6 @@ async fn queue_usage(client: &tokio_postgres::Client) -> f64 {
         .await
         .unwrap()
         .get(0)
-}
-
-async fn matches_table(db: &TestDb, instance: &Instance) -> bool {
-    if !instance.cache.is_synced() {
-        return false;
-    }
-    let rows = db
-        .client()
-        .await
-        .query("SELECT user_id, role, role_version FROM users", &[])
-        .await
-        .unwrap();
-    let table: HashMap<i64, (String, i64)> = rows
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    for id in 1..=USERS {
-        let state = instance.lookup(id).await.unwrap().state;
-        let (role, version) = &table[&id];
-        if state.role.map(|r| r.as_str()) != Some(role.as_str()) || state.version != *version {
-            return false;
-        }
-    }
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +139,7 @@ async fn a_million_notifications_to_a_slow_consumer_stay_bounded_and_converge() 
     .await;
     let drained = started.elapsed();
     eventually(Duration::from_secs(10), "instance equals the table", || {
-        matches_table(&db, &instance)
+        db.instance_matches_table(&instance, 1..=USERS)
     })
     .await;
     stop.store(true, Ordering::Relaxed);

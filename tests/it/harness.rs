@@ -5,7 +5,9 @@
 //! for this test process and stopped when it exits. Databases are named
 //! `rolecache_t_<pid>_<n>`; leftovers of test processes that no longer run are dropped at start.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use rolecache::embedded::{PrivateCluster, StopMode};
 use rolecache::instance::{Instance, InstanceOptions};
 use rolecache::listener::ListenerConfig;
-use rolecache::RoleCache;
+use rolecache::{RoleCache, RoleState};
 use tokio_postgres::{Client, NoTls};
 
 const DB_PREFIX: &str = "rolecache_t_";
@@ -218,6 +220,48 @@ impl TestDb {
             .await
             .expect("select role")
             .map(|r| (r.get(0), r.get(1)))
+    }
+
+    /// The table as `user_id → (role, version)`.
+    pub async fn table(&self) -> HashMap<i64, (String, i64)> {
+        self.client()
+            .await
+            .query("SELECT user_id, role, role_version FROM users", &[])
+            .await
+            .expect("read users")
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect()
+    }
+
+    /// Whether `instance` is synced and, for every id in `ids`, both a lookup and the cached slot
+    /// (if any) equal the table; an id without a row must come back without a role.
+    pub async fn instance_matches_table(
+        &self,
+        instance: &Instance,
+        ids: RangeInclusive<i64>,
+    ) -> bool {
+        if !instance.cache.is_synced() {
+            return false;
+        }
+        let table = self.table().await;
+        for id in ids {
+            let expected = table.get(&id);
+            let same = |state: RoleState| match expected {
+                Some((role, version)) => {
+                    state.role.map(|r| r.as_str()) == Some(role.as_str())
+                        && state.version == *version
+                }
+                None => state.role.is_none(),
+            };
+            if !same(instance.lookup(id).await.expect("lookup").state) {
+                return false;
+            }
+            if instance.cache.peek(id).await.is_some_and(|s| !same(s)) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Terminates this database's listener sessions; returns how many were terminated. Works

@@ -19,35 +19,8 @@ const USERS: i64 = 100;
 
 /// Every user's cached state equals the table (polling until it does).
 async fn converged(db: &TestDb, instance: &Instance) {
-    eventually(SOON * 2, "cache equals the table", || async {
-        if !instance.cache.is_synced() {
-            return false;
-        }
-        let rows = db
-            .client()
-            .await
-            .query("SELECT user_id, role, role_version FROM users", &[])
-            .await
-            .unwrap();
-        let table: HashMap<i64, (String, i64)> = rows
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        for id in 1..=USERS {
-            let looked_up = instance.lookup(id).await.unwrap().state;
-            let expected = table.get(&id);
-            let same = match expected {
-                Some((role, version)) => {
-                    looked_up.role.map(|r| r.as_str()) == Some(role.as_str())
-                        && looked_up.version == *version
-                }
-                None => looked_up.role.is_none(),
-            };
-            if !same {
-                return false;
-            }
-        }
-        true
+    eventually(SOON * 2, "cache equals the table", || {
+        db.instance_matches_table(instance, 1..=USERS)
     })
     .await;
 }

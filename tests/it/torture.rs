@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rolecache::cache::{CacheEvent, ResyncReason, Source};
 use rolecache::instance::Instance;
-use rolecache::{Role, RoleState};
+use rolecache::RoleState;
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio_postgres::Client;
 
@@ -85,10 +85,6 @@ type Order = (i64, bool);
 
 fn order(s: RoleState) -> Order {
     (s.version, s.role.is_none())
-}
-
-fn role_name(role: Option<Role>) -> Option<&'static str> {
-    role.map(Role::as_str)
 }
 
 /// Statement result rows → committed states (`role_version` and, when present, `role`).
@@ -350,39 +346,6 @@ async fn reader(
     }
 }
 
-/// Every user's state in every instance (lookup and cached slot) equals the table.
-async fn converged(db: &TestDb, instance: &Instance) -> bool {
-    if !instance.cache.is_synced() {
-        return false;
-    }
-    let rows = db
-        .client()
-        .await
-        .query("SELECT user_id, role, role_version FROM users", &[])
-        .await
-        .unwrap();
-    let table: HashMap<i64, (String, i64)> = rows
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    for user in 1..=USERS + 5 {
-        let expected = table.get(&user);
-        let same = |state: RoleState| match expected {
-            Some((role, version)) => {
-                role_name(state.role) == Some(role.as_str()) && state.version == *version
-            }
-            None => state.role.is_none(),
-        };
-        if !same(instance.lookup(user).await.unwrap().state) {
-            return false;
-        }
-        if instance.cache.peek(user).await.is_some_and(|s| !same(s)) {
-            return false;
-        }
-    }
-    true
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_version() {
     let db = TestDb::new().await;
@@ -571,7 +534,7 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_vers
 
     for instance in &instances {
         eventually(Duration::from_secs(10), "instance equals the table", || {
-            converged(&db, instance)
+            db.instance_matches_table(instance, 1..=USERS + 5)
         })
         .await;
     }
