@@ -258,6 +258,20 @@ impl StubBot<'_> {
             .1
     }
 
+    /// Queues an update of any kind: `body` is the update without its `update_id` (e.g.
+    /// `{"edited_message": {...}}` or `{"channel_post": {...}}`); returns the id given to it.
+    pub fn send_raw(&self, mut body: Value) -> i64 {
+        let mut stub = self.stub.shared.lock();
+        let queue = stub.queues.entry(self.token.clone()).or_default();
+        queue.next_update_id += 1;
+        let update_id = queue.next_update_id;
+        body["update_id"] = json!(update_id);
+        queue.updates.push_back((update_id, body));
+        drop(stub);
+        self.stub.shared.changed.notify_waiters();
+        update_id
+    }
+
     /// Polls answered 409 because another `getUpdates` arrived while they were in flight.
     pub fn conflicts(&self) -> u64 {
         self.stub.shared.lock().queues[&self.token].conflicts

@@ -25,6 +25,19 @@ async fn converged(db: &TestDb, instance: &Instance) {
     .await;
 }
 
+/// Sessions connected to the test database.
+async fn sessions(db: &TestDb) -> i64 {
+    db.admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+            &[&db.name()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn resyncs(instance: &Instance, reason: ResyncReason) -> u64 {
     instance
         .cache
@@ -108,15 +121,23 @@ async fn listener_killed_while_roles_change_serves_nothing_stale_and_converges()
             lookups
         })
     };
+    // The listener's backend terminated every 200 ms for 10 s.
     let mut kills = 0;
-    for _ in 0..10 {
+    let mut most_sessions = 0;
+    for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         kills += db.kill_listeners().await;
+        most_sessions = most_sessions.max(sessions(&db).await);
     }
     stop.store(true, Ordering::Relaxed);
     let changes = writer.await.unwrap();
     let lookups = reader.await.unwrap();
-    assert!(kills >= 5, "only {kills} listener sessions were killed");
+    assert!(kills >= 25, "only {kills} listener sessions were killed");
+    // No growth: the pool (4), one listener, the writer's session, the checker's own.
+    assert!(
+        most_sessions <= 8,
+        "{most_sessions} sessions on the database"
+    );
     assert!(
         changes > 100 && lookups > 100,
         "{changes} changes, {lookups} lookups"
@@ -186,6 +207,10 @@ async fn disabled_trigger_means_bypass_until_enabled_always() {
     let instance = db.instance().await;
     assert_eq!(instance.lookup(1).await.unwrap().source, Source::Load);
 
+    let http = rolecache::http::spawn("127.0.0.1:0".parse().unwrap(), &instance)
+        .await
+        .unwrap();
+    assert_eq!(crate::http::http_get(http.addr, "/readyz").await.0, 200);
     db.sql("ALTER TABLE users DISABLE TRIGGER rolecache_notify_update")
         .await;
     assert!(
@@ -193,6 +218,12 @@ async fn disabled_trigger_means_bypass_until_enabled_always() {
             .listener
             .wait_for(SOON, |s| matches!(s, ListenerState::TriggersBroken { .. }))
             .await
+    );
+    let (status, body) = crate::http::http_get(http.addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.starts_with("role triggers not in place: trigger rolecache_notify_update is disabled"),
+        "{body}"
     );
     // A change that sends no notification is still seen: lookups read the database.
     db.sql("UPDATE users SET role = 'user' WHERE user_id = 1")
@@ -218,6 +249,8 @@ async fn disabled_trigger_means_bypass_until_enabled_always() {
     db.sql("ALTER TABLE users ENABLE ALWAYS TRIGGER rolecache_notify_update")
         .await;
     assert!(instance.wait_synced(SOON).await);
+    assert_eq!(crate::http::http_get(http.addr, "/readyz").await.0, 200);
+    http.stop().await;
     assert_eq!(resyncs(&instance, ResyncReason::Triggers), 1);
     assert_eq!(instance.lookup(1).await.unwrap().source, Source::Load);
     assert_eq!(instance.lookup(1).await.unwrap().source, Source::Cache);

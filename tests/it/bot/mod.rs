@@ -1,6 +1,7 @@
 //! The bot end to end: `rolecache run` processes against the Bot API stand-in over real HTTP,
 //! on a database of each test's own.
 
+mod abuse;
 mod commands;
 mod failover;
 mod lifecycle;
