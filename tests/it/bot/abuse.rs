@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use super::{whoami, World};
-use rolecache::telegram_stub::TgUser;
+use rolecache::telegram_stub::{StubBot, TgUser};
 
 /// Roles and audit rows, to show that nothing changed.
 async fn snapshot(world: &World) -> (Vec<(i64, String)>, i64) {
@@ -25,18 +25,28 @@ async fn snapshot(world: &World) -> (Vec<(i64, String)>, i64) {
     (roles, audit)
 }
 
+/// An admin and a user, inserted by a DBA, who have both written to the bot since.
+async fn admin_and_user(
+    world: &World,
+    bot: &StubBot<'_>,
+    admin_id: i64,
+    user_id: i64,
+) -> (TgUser, TgUser) {
+    let admin = TgUser::new(admin_id, "the_admin");
+    let ann = TgUser::new(user_id, "ann");
+    world
+        .insert_users(&[(&admin, "admin"), (&ann, "user")])
+        .await;
+    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).1, "user");
+    assert_eq!(whoami(&bot.ask(&admin, "/whoami").await).1, "admin");
+    (admin, ann)
+}
+
 #[tokio::test]
 async fn hostile_arguments_get_a_one_line_refusal_and_change_nothing() {
     let world = World::start().await;
     let bot = world.bot();
-    let admin = TgUser::new(7001, "the_admin");
-    let ann = TgUser::new(7002, "ann");
-    world
-        .insert_users(&[(&admin, "admin"), (&ann, "user")])
-        .await;
-    // Both have written to the bot; the admin's menu shows the cache knows the role.
-    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).1, "user");
-    assert_eq!(whoami(&bot.ask(&admin, "/whoami").await).1, "admin");
+    let (admin, _ann) = admin_and_user(&world, &bot, 7001, 7002).await;
     let before = snapshot(&world).await;
 
     let long_digits = "9".repeat(5000);
@@ -81,13 +91,7 @@ async fn hostile_arguments_get_a_one_line_refusal_and_change_nothing() {
 async fn commands_for_another_bot_edits_channel_posts_and_senderless_messages_are_ignored() {
     let world = World::start().await;
     let bot = world.bot();
-    let admin = TgUser::new(7101, "the_admin");
-    let ann = TgUser::new(7102, "ann");
-    world
-        .insert_users(&[(&admin, "admin"), (&ann, "user")])
-        .await;
-    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).1, "user");
-    assert_eq!(whoami(&bot.ask(&admin, "/whoami").await).1, "admin");
+    let (admin, ann) = admin_and_user(&world, &bot, 7101, 7102).await;
     let before = snapshot(&world).await;
 
     // Addressed to another bot: never acted on; in a group not even answered.
