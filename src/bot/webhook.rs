@@ -86,11 +86,27 @@ async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes)
     status
 }
 
+/// Longest secret Telegram accepts.
+const MAX_SECRET: usize = 256;
+
+/// Compares in time that depends on neither the secret's content nor its length: both sides
+/// are zero-padded to the longest secret Telegram accepts, and the lengths are compared in
+/// constant time too (a plain slice comparison returns early when the lengths differ).
+fn secret_matches(given: &[u8], secret: &[u8]) -> bool {
+    let mut a = [0u8; MAX_SECRET];
+    let mut b = [0u8; MAX_SECRET];
+    let given_len = given.len().min(MAX_SECRET + 1);
+    a[..given.len().min(MAX_SECRET)].copy_from_slice(&given[..given.len().min(MAX_SECRET)]);
+    b[..secret.len().min(MAX_SECRET)].copy_from_slice(&secret[..secret.len().min(MAX_SECRET)]);
+    let same_len = (given_len as u64).ct_eq(&(secret.len() as u64));
+    bool::from(a.ct_eq(&b) & same_len)
+}
+
 /// The answer to one webhook request, and its result label.
 fn accept(hook: &Hook, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static str) {
     let authorized = headers
         .get(SECRET_HEADER)
-        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(&hook.secret)));
+        .is_some_and(|given| secret_matches(given.as_bytes(), &hook.secret));
     if !authorized {
         tracing::warn!("webhook request without the right secret token: refused");
         return (StatusCode::UNAUTHORIZED, "unauthorized");
@@ -168,6 +184,26 @@ pub async fn delete(bot: &Bot, drop_pending_updates: bool) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_matches_only_the_exact_secret() {
+        let secret = b"s3cr3t_-X";
+        assert!(secret_matches(secret, secret));
+        for other in [
+            &b""[..],
+            b"s3cr3t_-",
+            b"s3cr3t_-X\0",
+            b"s3cr3t_-Y",
+            &[b'a'; 300],
+        ] {
+            assert!(!secret_matches(other, secret), "{other:?}");
+        }
+        let longest = [b'z'; MAX_SECRET];
+        assert!(secret_matches(&longest, &longest));
+        let mut longer = longest.to_vec();
+        longer.push(b'z');
+        assert!(!secret_matches(&longer, &longest));
+    }
 
     fn hook() -> (Hook, mpsc::Receiver<Update>) {
         let (queue, rx) = mpsc::channel(1);
