@@ -223,6 +223,14 @@ impl CacheStats {
         }
     }
 
+    /// Resyncs for `reason`.
+    pub fn resyncs_for(&self, reason: ResyncReason) -> u64 {
+        self.resyncs
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
     pub fn resyncs_total(&self) -> u64 {
         self.resyncs.iter().map(|(_, n)| n).sum()
     }

@@ -149,13 +149,7 @@ async fn a_million_notifications_to_a_slow_consumer_stay_bounded_and_converge() 
     let overflows = stats.overflows.load(Ordering::Relaxed);
     let handled = stats.notifications.load(Ordering::Relaxed);
     let reconnects = stats.reconnects.load(Ordering::Relaxed);
-    let overflow_resyncs = instance
-        .cache
-        .stats()
-        .resyncs
-        .iter()
-        .find(|(r, _)| *r == ResyncReason::Overflow)
-        .map_or(0, |(_, n)| *n);
+    let overflow_resyncs = instance.cache.stats().resyncs_for(ResyncReason::Overflow);
     let growth = peak_rss.saturating_sub(rss_before);
     eprintln!(
         "flood: {} notifications sent in {flood_time:?}, server queue drained after {drained:?}; \

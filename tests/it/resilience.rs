@@ -39,13 +39,7 @@ async fn sessions(db: &TestDb) -> i64 {
 }
 
 fn resyncs(instance: &Instance, reason: ResyncReason) -> u64 {
-    instance
-        .cache
-        .stats()
-        .resyncs
-        .iter()
-        .find(|(r, _)| *r == reason)
-        .map_or(0, |(_, n)| *n)
+    instance.cache.stats().resyncs_for(reason)
 }
 
 #[tokio::test]
