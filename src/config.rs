@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::db::{parse_url, InvalidUrl, DEFAULT_DATABASE_URL};
-use crate::embedded::{ClusterError, PrivateCluster};
+use crate::db::{DbConfig, Endpoints, InvalidUrl, DEFAULT_DATABASE_URL};
+use crate::embedded::{ClusterError, ClusterOptions, PrivateCluster};
 use crate::listener::ListenerConfig;
 use crate::telemetry::LogFormat;
 
@@ -20,12 +20,35 @@ pub const EXIT_CONFIG: i32 = 2;
     about = "A role cache for Telegram bots that PostgreSQL keeps fresh through LISTEN/NOTIFY"
 )]
 pub struct Cli {
-    /// PostgreSQL to use. The listener needs a direct session on the primary (not PgBouncer in
-    /// transaction mode, not a standby). Unset: `watch` and the bot start a private cluster in
-    /// --data-dir when PostgreSQL is installed; `migrate` and `bench` use
-    /// postgres://postgres@127.0.0.1:5432/postgres.
+    /// PostgreSQL for queries (the pool); may lead to PgBouncer in transaction mode. libpq's
+    /// sslmode (disable, prefer, require, verify-ca, verify-full) and sslrootcert apply. Unset:
+    /// `watch` and the bot start a private cluster in --data-dir when PostgreSQL is installed;
+    /// `migrate` and `bench` use postgres://postgres@127.0.0.1:5432/postgres.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// A file holding DATABASE_URL (Docker/Kubernetes secrets).
+    #[arg(long, env = "DATABASE_URL_FILE", global = true)]
+    pub database_url_file: Option<std::path::PathBuf>,
+
+    /// PostgreSQL for what needs a session of its own on the primary: the listener, the leader
+    /// lock and migrations (never PgBouncer in transaction mode, never a standby). Default:
+    /// DATABASE_URL.
+    #[arg(
+        long = "direct-url",
+        env = "DATABASE_DIRECT_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub direct_url: Option<String>,
+
+    /// A file holding DATABASE_DIRECT_URL.
+    #[arg(
+        long = "direct-url-file",
+        env = "DATABASE_DIRECT_URL_FILE",
+        global = true
+    )]
+    pub direct_url_file: Option<std::path::PathBuf>,
 
     /// Data directory of the private cluster used when DATABASE_URL is unset (kept across
     /// restarts).
@@ -96,12 +119,23 @@ pub enum Command {
     /// Measure the cache against no cache, a TTL cache and a bare LISTEN client (in a database
     /// of its own on the server of DATABASE_URL, dropped afterwards).
     Bench(crate::bench::BenchArgs),
+    /// Probe a running instance's /readyz (the container HEALTHCHECK; the image has no curl):
+    /// exit 0 when ready, 1 with the reason otherwise. Default: ROLECACHE_HTTP_ADDR's port on
+    /// 127.0.0.1 (8080 when unset).
+    Healthcheck {
+        /// The URL to probe instead, e.g. http://127.0.0.1:8080/readyz.
+        #[arg(long)]
+        url: Option<String>,
+        /// How long the probe may take.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// The database an instance runs against; holds the private cluster, if one was started, until
 /// dropped (which stops it).
 pub struct Database {
-    pub config: tokio_postgres::Config,
+    pub endpoints: Endpoints,
     pub embedded: Option<PrivateCluster>,
 }
 
@@ -110,6 +144,9 @@ pub enum DatabaseError {
     /// A configuration error (exit code 2).
     #[error(transparent)]
     InvalidUrl(#[from] InvalidUrl),
+    /// A configuration error (exit code 2).
+    #[error("{0}")]
+    Setting(String),
     #[error("DATABASE_URL is unset and the private cluster in {dir} could not start: {source}")]
     Embedded {
         dir: String,
@@ -122,33 +159,58 @@ impl Cli {
     /// Resolves the database: DATABASE_URL when set; else, when `allow_embedded` and PostgreSQL
     /// is installed, a private cluster in `--data-dir`; else the local default server.
     pub fn database(&self, allow_embedded: bool) -> Result<Database, DatabaseError> {
-        if let Some(url) = &self.database_url {
+        let url = secret(
+            "DATABASE_URL",
+            self.database_url.as_deref(),
+            self.database_url_file.as_deref(),
+        )
+        .map_err(DatabaseError::Setting)?;
+        let direct = secret(
+            "DATABASE_DIRECT_URL",
+            self.direct_url.as_deref(),
+            self.direct_url_file.as_deref(),
+        )
+        .map_err(DatabaseError::Setting)?;
+        let direct = direct
+            .map(|d| DbConfig::parse(&d).map_err(|e| e.for_setting("DATABASE_DIRECT_URL")))
+            .transpose()?;
+        if let Some(url) = url {
+            let pool = DbConfig::parse(&url)?;
+            let direct = direct.unwrap_or_else(|| pool.clone());
             return Ok(Database {
-                config: parse_url(url)?,
+                endpoints: Endpoints { pool, direct },
                 embedded: None,
             });
+        }
+        if direct.is_some() {
+            return Err(DatabaseError::Setting(
+                "DATABASE_DIRECT_URL is set without DATABASE_URL: set both (or neither)".into(),
+            ));
         }
         if !allow_embedded || PrivateCluster::find_bin_dir().is_none() {
             return Ok(Database {
-                config: parse_url(DEFAULT_DATABASE_URL)?,
+                endpoints: DbConfig::parse(DEFAULT_DATABASE_URL)?.into(),
                 embedded: None,
             });
         }
-        let cluster =
-            PrivateCluster::start(&self.data_dir, self.embedded_port).map_err(|source| {
-                DatabaseError::Embedded {
-                    dir: self.data_dir.display().to_string(),
-                    source,
-                }
+        // It holds the user's real roles and audit: fsync on.
+        let options = ClusterOptions {
+            durable: true,
+            ..ClusterOptions::default()
+        };
+        let cluster = PrivateCluster::start_with(&self.data_dir, self.embedded_port, options)
+            .map_err(|source| DatabaseError::Embedded {
+                dir: self.data_dir.display().to_string(),
+                source,
             })?;
         let url = cluster.url("postgres");
         tracing::info!(
-            data_dir = %self.data_dir.display(),
+            data_dir = %cluster.data_dir().display(),
             %url,
             "DATABASE_URL is unset: running a private PostgreSQL (stopped on exit; connect with psql {url})"
         );
         Ok(Database {
-            config: parse_url(&url)?,
+            endpoints: DbConfig::parse(&url)?.into(),
             embedded: Some(cluster),
         })
     }
@@ -160,8 +222,17 @@ impl Cli {
 #[derive(Debug, Clone, Args)]
 pub struct TelegramOptions {
     /// The bot token from @BotFather (required by `run`).
-    #[arg(long = "token", env = "TELOXIDE_TOKEN", global = true, hide_env_values = true, value_parser = parse_token)]
+    #[arg(
+        long = "token",
+        env = "TELOXIDE_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     pub token: Option<String>,
+
+    /// A file holding the bot token (Docker/Kubernetes secrets).
+    #[arg(long = "token-file", env = "TELOXIDE_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// A Bot API server other than api.telegram.org (a local Bot API server, or a test stand-in).
     #[arg(long, env = "TELOXIDE_API_URL", global = true, value_parser = parse_api_url)]
@@ -180,8 +251,12 @@ pub struct TelegramOptions {
     /// The secret Telegram sends in X-Telegram-Bot-Api-Secret-Token with every webhook request
     /// (1-256 characters of A-Z a-z 0-9 _ -), the same on every instance; required with
     /// WEBHOOK_URL. Requests without it are refused (401).
-    #[arg(long, env = "WEBHOOK_SECRET", global = true, hide_env_values = true, value_parser = parse_webhook_secret)]
+    #[arg(long, env = "WEBHOOK_SECRET", global = true, hide_env_values = true)]
     pub webhook_secret: Option<String>,
+
+    /// A file holding WEBHOOK_SECRET.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE", global = true)]
+    pub webhook_secret_file: Option<std::path::PathBuf>,
 }
 
 /// A parsed WEBHOOK_URL.
@@ -233,13 +308,19 @@ impl TelegramOptions {
         })
     }
 
-    /// The token, or the one line to print when it is missing.
+    /// The token, or the one line to print when it is missing or malformed (never the token).
     pub fn token(&self) -> Result<String, String> {
-        self.token.clone().ok_or_else(|| {
+        let token = secret(
+            "TELOXIDE_TOKEN",
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+        )?
+        .ok_or_else(|| {
             "TELOXIDE_TOKEN is not set: the bot needs its token from @BotFather \
-             (or pass --token)"
+             (or pass --token, or TELOXIDE_TOKEN_FILE)"
                 .to_string()
-        })
+        })?;
+        parse_token(&token).map_err(|e| format!("invalid TELOXIDE_TOKEN: {e}"))
     }
 
     /// WEBHOOK_URL and WEBHOOK_SECRET together, or the one line to print when one is missing.
@@ -247,11 +328,18 @@ impl TelegramOptions {
         let url = self.webhook_url.clone().ok_or_else(|| {
             "WEBHOOK_URL is not set: give the public https:// URL of the webhook".to_string()
         })?;
-        let secret = self.webhook_secret.clone().ok_or_else(|| {
+        let value = secret(
+            "WEBHOOK_SECRET",
+            self.webhook_secret.as_deref(),
+            self.webhook_secret_file.as_deref(),
+        )?
+        .ok_or_else(|| {
             "WEBHOOK_SECRET is not set: webhook mode needs a secret token \
              (1-256 characters of A-Z a-z 0-9 _ -), the same on every instance"
                 .to_string()
         })?;
+        let secret =
+            parse_webhook_secret(&value).map_err(|e| format!("invalid WEBHOOK_SECRET: {e}"))?;
         Ok(WebhookConfig { url, secret })
     }
 }
@@ -398,6 +486,30 @@ pub fn parse_or_exit() -> Cli {
                 first.trim_start_matches("error: ")
             );
             std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+/// A setting given either directly or as a file (Docker/Kubernetes secrets); the file's content
+/// without its trailing newline. Both at once, an unreadable or an empty file is a one-line
+/// configuration error that never shows the secret.
+pub fn secret(
+    name: &str,
+    value: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(format!("{name} and {name}_FILE are both set: set one")),
+        (Some(value), None) => Ok(Some(value.to_string())),
+        (None, None) => Ok(None),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {name}_FILE {}: {e}", path.display()))?;
+            let text = text.trim_end_matches(['\n', '\r']);
+            if text.trim().is_empty() {
+                return Err(format!("{name}_FILE {} is empty", path.display()));
+            }
+            Ok(Some(text.to_string()))
         }
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! `initdb` and `postgres` refuse to run as root; as root (containers, CI) the binaries run as the
 //! `postgres` system user that Debian's packages create, with the data directory owned by it.
+//! When that user cannot reach the data directory (a clone in root's 0700 home directory), the
+//! cluster is kept under [`FALLBACK_ROOT`] instead, and the log says where.
+//!
+//! [`PrivateCluster::start`] is for throwaway clusters (tests): `fsync` off. The cluster that
+//! holds a user's real roles and audit starts with [`ClusterOptions::durable`].
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,25 @@ pub enum StopMode {
     Immediate,
 }
 
+/// Where a cluster goes when running as root and the `postgres` user cannot reach the data
+/// directory asked for: `<FALLBACK_ROOT>/<that path with '/' as '-'>`.
+pub const FALLBACK_ROOT: &str = "/var/lib/rolecache";
+
+/// How to start a cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// `fsync` on and a synced `initdb`: for a cluster whose data matters. Off (the default) is
+    /// for throwaway clusters only: an OS crash can corrupt them.
+    pub durable: bool,
+    /// Extra server settings (`-c name=value`).
+    pub settings: Vec<(String, String)>,
+    /// Files written into the data directory before each start (e.g. TLS certificate and key),
+    /// owned by the server's user, mode 0600.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Replaces `pg_hba.conf` before each start.
+    pub hba: Option<String>,
+}
+
 /// A running private cluster. Dropping it stops the server.
 #[derive(Debug)]
 pub struct PrivateCluster {
@@ -39,6 +63,7 @@ pub struct PrivateCluster {
     port: u16,
     run_as: Option<String>,
     running: bool,
+    options: ClusterOptions,
 }
 
 impl PrivateCluster {
@@ -64,9 +89,18 @@ impl PrivateCluster {
         versions.pop().map(|(_, bin)| bin)
     }
 
-    /// Starts a cluster in `data_dir` (created by `initdb` if it holds none yet) on `port`
-    /// (0: a free one), with trust authentication for local connections only.
+    /// Starts a throwaway cluster (`fsync` off) in `data_dir` (created by `initdb` if it holds
+    /// none yet) on `port` (0: a free one), with trust authentication for local connections only.
     pub fn start(data_dir: &Path, port: u16) -> Result<Self, ClusterError> {
+        Self::start_with(data_dir, port, ClusterOptions::default())
+    }
+
+    /// [`PrivateCluster::start`] with options.
+    pub fn start_with(
+        data_dir: &Path,
+        port: u16,
+        options: ClusterOptions,
+    ) -> Result<Self, ClusterError> {
         let bin_dir = Self::find_bin_dir().ok_or(ClusterError::NoBinaries)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let run_as = if unsafe { libc::geteuid() } == 0 {
@@ -89,32 +123,48 @@ impl PrivateCluster {
             step: "resolve data directory",
             detail: e.to_string(),
         })?;
-        // Socket and log live beside the data directory, in a directory the server user owns.
-        let socket_dir = data_dir.with_extension("run");
+        let durable = options.durable;
         let mut cluster = PrivateCluster {
             bin_dir,
             data_dir: data_dir.to_path_buf(),
-            socket_dir,
+            // Socket and log live beside the data directory, in a directory the server user owns.
+            socket_dir: data_dir.with_extension("run"),
             port,
             run_as,
             running: false,
+            options,
         };
         cluster.prepare_dirs()?;
-        if !data_dir.join("PG_VERSION").is_file() {
-            cluster.run(
-                "initdb",
-                "initdb",
-                &[
-                    "-D",
-                    &cluster.data_dir.to_string_lossy(),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ],
-            )?;
+        if cluster.run_as.is_some() && !cluster.reachable() {
+            let fallback = fallback_dir(&cluster.data_dir);
+            tracing::warn!(
+                asked = %cluster.data_dir.display(),
+                using = %fallback.display(),
+                "the postgres user cannot reach the data directory (a parent directory is private, \
+                 e.g. a 0700 home directory): keeping the cluster in {} instead",
+                fallback.display()
+            );
+            cluster.data_dir = fallback.clone();
+            cluster.socket_dir = fallback.with_extension("run");
+            cluster.prepare_dirs()?;
+            if !cluster.reachable() {
+                return Err(ClusterError::Step {
+                    step: "data directory",
+                    detail: format!(
+                        "neither {} nor {} is reachable by the postgres user",
+                        data_dir.display(),
+                        fallback.display()
+                    ),
+                });
+            }
+        }
+        if !cluster.data_dir.join("PG_VERSION").is_file() {
+            let data = cluster.data_dir.to_string_lossy().into_owned();
+            let mut args = vec!["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"];
+            if !durable {
+                args.push("--no-sync");
+            }
+            cluster.run("initdb", "initdb", &args)?;
         }
         // A server left running on this directory (our process was killed): stop it, then
         // start it with our settings.
@@ -167,17 +217,24 @@ impl PrivateCluster {
 
     /// Starts the server again on the same port after [`PrivateCluster::stop`].
     pub fn start_server(&mut self) -> Result<(), ClusterError> {
+        self.write_files()?;
         let data = self.data_dir.to_string_lossy().into_owned();
         let log = self
             .socket_dir
             .join("postgres.log")
             .to_string_lossy()
             .into_owned();
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+        let mut options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
             self.port,
             self.socket_dir.display()
         );
+        if !self.options.durable {
+            options.push_str(" -c fsync=off");
+        }
+        for (name, value) in &self.options.settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
         self.run(
             "pg_ctl start",
             "pg_ctl",
@@ -187,6 +244,56 @@ impl PrivateCluster {
         )?;
         self.running = true;
         self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Whether the server's user can reach the data directory (always, when not running as
+    /// root).
+    fn reachable(&self) -> bool {
+        let Some(user) = &self.run_as else {
+            return true;
+        };
+        Command::new("runuser")
+            .arg("-u")
+            .arg(user)
+            .arg("--")
+            .arg("test")
+            .arg("-w")
+            .arg(&self.data_dir)
+            .current_dir("/")
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Writes [`ClusterOptions::files`] and [`ClusterOptions::hba`] into the data directory.
+    fn write_files(&self) -> Result<(), ClusterError> {
+        let hba = self
+            .options
+            .hba
+            .as_ref()
+            .map(|h| ("pg_hba.conf".to_string(), h.clone().into_bytes()));
+        for (name, content) in self.options.files.iter().cloned().chain(hba) {
+            let path = self.data_dir.join(&name);
+            let failed = |e: std::io::Error| ClusterError::Step {
+                step: "write file",
+                detail: format!("{}: {e}", path.display()),
+            };
+            std::fs::write(&path, &content).map_err(failed)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(failed)?;
+            if let Some(user) = &self.run_as {
+                let status = Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .arg(&path)
+                    .status();
+                if !matches!(status, Ok(s) if s.success()) {
+                    return Err(ClusterError::Step {
+                        step: "chown",
+                        detail: path.display().to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn wait_ready(&self, limit: Duration) -> Result<(), ClusterError> {
@@ -270,6 +377,23 @@ impl Drop for PrivateCluster {
             tracing::warn!(error = %e, "could not stop the private PostgreSQL cluster");
         }
     }
+}
+
+/// `/var/lib/rolecache/root-bot-data-postgres` for `/root/bot/data/postgres`.
+fn fallback_dir(asked: &Path) -> PathBuf {
+    let name: String = asked
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    Path::new(FALLBACK_ROOT).join(name)
 }
 
 fn free_port() -> Result<u16, ClusterError> {

@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_postgres::NoTls;
 
 use crate::cache::{Lookup, RoleCache};
 use crate::config::CacheOptions;
-use crate::db::{self, RepoError, Repository};
+use crate::db::{self, DbConfig, Endpoints, RepoError, Repository};
 use crate::listener::{Listener, ListenerConfig, ListenerHandle};
 use crate::role::UserId;
 
@@ -49,16 +48,23 @@ pub struct Instance {
 
 impl Instance {
     /// Applies pending migrations and starts the listener for `cache` (created by the caller so
-    /// that it can subscribe to the cache's events before anything happens).
+    /// that it can subscribe to the cache's events before anything happens). Migrations and the
+    /// listener use `pg`'s direct target, the pool its pool target.
     pub async fn start(
-        pg: &tokio_postgres::Config,
+        pg: impl Into<Endpoints>,
         options: &InstanceOptions,
         cache: RoleCache,
     ) -> anyhow::Result<Instance> {
-        migrate(pg).await?;
-        let pool = db::pool(pg, options.pool_size);
-        let listener =
-            Listener::new(pg, pool.clone(), cache.clone(), options.listener.clone()).spawn();
+        let pg: Endpoints = pg.into();
+        migrate(&pg.direct).await?;
+        let pool = db::pool(&pg.pool, options.pool_size);
+        let listener = Listener::new(
+            &pg.direct,
+            pool.clone(),
+            cache.clone(),
+            options.listener.clone(),
+        )
+        .spawn();
         Ok(Instance {
             repo: Repository::new(pool),
             cache,
@@ -86,13 +92,12 @@ impl Instance {
     }
 }
 
-/// Applies pending migrations over a connection of its own; returns the versions applied.
-pub async fn migrate(pg: &tokio_postgres::Config) -> anyhow::Result<Vec<i32>> {
-    let mut pg = pg.clone();
-    db::harden(&mut pg);
+/// Applies pending migrations over a session of its own (it takes a session-level advisory
+/// lock: give it the direct target); returns the versions applied.
+pub async fn migrate(pg: impl Into<DbConfig>) -> anyhow::Result<Vec<i32>> {
+    let mut pg: DbConfig = pg.into();
     pg.application_name("rolecache-migrate");
-    let (mut client, connection) = pg
-        .connect(NoTls)
+    let (mut client, connection) = db::connect_session(&pg)
         .await
         .context("cannot connect to the database")?;
     let driver = tokio::spawn(connection);

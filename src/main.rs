@@ -13,6 +13,7 @@ enum Job {
     Migrate,
     Watch,
     Bench(BenchArgs),
+    Healthcheck(String, std::time::Duration),
     SetWebhook(String, WebhookConfig),
     DeleteWebhook(String, bool),
 }
@@ -26,6 +27,10 @@ fn main() -> ExitCode {
         Command::Migrate => Ok(Job::Migrate),
         Command::Watch => Ok(Job::Watch),
         Command::Bench(args) => Ok(Job::Bench(args)),
+        Command::Healthcheck { url, timeout } => {
+            let url = url.unwrap_or_else(|| rolecache::http::health::default_url(cli.http_addr));
+            Ok(Job::Healthcheck(url, timeout))
+        }
         Command::SetWebhook => cli.telegram.token().and_then(|token| {
             let hook = cli.telegram.webhook_config()?;
             Ok(Job::SetWebhook(token, hook))
@@ -44,6 +49,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    if let Job::Healthcheck(url, timeout) = &job {
+        return match rolecache::http::health::probe(url, *timeout) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(line) => {
+                eprintln!("rolecache: not healthy: {line}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The webhook commands only talk to Telegram.
     if let Job::SetWebhook(..) | Job::DeleteWebhook(..) = job {
         return finish(telegram_only(job, cli.telegram.api_url.as_deref()));
@@ -51,7 +68,7 @@ fn main() -> ExitCode {
     let allow_embedded = matches!(job, Job::Watch | Job::Run(_));
     let database = match cli.database(allow_embedded) {
         Ok(database) => database,
-        Err(e @ DatabaseError::InvalidUrl(_)) => {
+        Err(e @ (DatabaseError::InvalidUrl(_) | DatabaseError::Setting(_))) => {
             eprintln!("rolecache: {e}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
@@ -60,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let pg = database.config.clone();
+    let pg = database.endpoints.clone();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -73,13 +90,13 @@ fn main() -> ExitCode {
         match job {
             Job::Run(run) => bot::run(&pg, &options, &run, cli.http_addr, shutdown_signal()).await,
             Job::Migrate => {
-                let applied = instance::migrate(&pg).await?;
+                let applied = instance::migrate(&pg.direct).await?;
                 tracing::info!(?applied, "database is up to date");
                 Ok(())
             }
             Job::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
-            Job::Bench(args) => bench::run(&pg, &args).await,
-            Job::SetWebhook(..) | Job::DeleteWebhook(..) => Ok(()),
+            Job::Bench(args) => bench::run(&pg.direct, &args).await,
+            Job::SetWebhook(..) | Job::DeleteWebhook(..) | Job::Healthcheck(..) => Ok(()),
         }
     });
     // Stops the private cluster, if one was started, after everything using it has finished.

@@ -44,7 +44,7 @@ pub fn event_json(event: &CacheEvent) -> serde_json::Value {
 /// Runs until `shutdown` completes or stdout is closed; serves `/metrics`, `/healthz` and
 /// `/readyz` on `http_addr` when given.
 pub async fn run(
-    pg: &tokio_postgres::Config,
+    pg: impl Into<crate::db::Endpoints>,
     options: &InstanceOptions,
     http_addr: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio_postgres::NoTls;
 
 use crate::cache::RoleCache;
 use crate::instance::{Instance, InstanceOptions};
@@ -72,13 +71,13 @@ pub struct Report {
 
 /// The benchmark's own database on the server of `DATABASE_URL`.
 pub struct BenchDb {
-    admin: tokio_postgres::Config,
-    config: tokio_postgres::Config,
+    admin: crate::db::DbConfig,
+    config: crate::db::DbConfig,
     name: String,
 }
 
 impl BenchDb {
-    async fn create(server: &tokio_postgres::Config) -> anyhow::Result<BenchDb> {
+    async fn create(server: &crate::db::DbConfig) -> anyhow::Result<BenchDb> {
         let name = format!("rolecache_bench_{}", std::process::id());
         let admin = server.clone();
         let client = connect(&admin).await?;
@@ -155,8 +154,10 @@ impl BenchDb {
     }
 }
 
-async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = config.connect(NoTls).await.context("connect")?;
+async fn connect(config: &crate::db::DbConfig) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = crate::db::connect(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("connect: {}", crate::db::session::explain(&e)))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -164,7 +165,9 @@ async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgr
 }
 
 /// Runs the benchmark (or a memory probe) and prints its report.
-pub async fn run(server: &tokio_postgres::Config, args: &BenchArgs) -> anyhow::Result<()> {
+pub async fn run(server: impl Into<crate::db::DbConfig>, args: &BenchArgs) -> anyhow::Result<()> {
+    let server: crate::db::DbConfig = server.into();
+    let server = &server;
     if let Some(probe) = args.memory_probe {
         println!("{:.1}", memory::probe(probe, args.memory_users).await?);
         return Ok(());

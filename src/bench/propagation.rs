@@ -26,9 +26,7 @@ pub struct RawListener {
 
 impl RawListener {
     pub async fn start(db: &BenchDb) -> anyhow::Result<RawListener> {
-        let (client, mut connection) = db
-            .config
-            .connect(tokio_postgres::NoTls)
+        let (client, mut connection) = crate::db::connect(&db.config)
             .await
             .context("raw listener connect")?;
         let (tx, payloads) = mpsc::unbounded_channel();

@@ -5,9 +5,13 @@
 //! leader dies, PostgreSQL ends its session, the lock is released, and a standby takes over at
 //! its next try.
 //!
-//! The session is a plain `tokio_postgres` connection (never pooled: a pooled connection could
-//! be recycled, and the lock with it) with `application_name` [`APPLICATION_NAME`] and TCP
-//! keepalives, pinged every [`LeaderConfig::ping_interval`].
+//! The session is a plain `tokio_postgres` connection to the direct target (never pooled, never
+//! through a transaction pooler: either would hand the lock to whichever client comes next) with
+//! `application_name` [`APPLICATION_NAME`], pinged every [`LeaderConfig::ping_interval`]. TCP
+//! keepalives are set on both ends ([`crate::db::SESSION_OPTIONS`] on the server's): when this
+//! host dies without closing its socket, the server ends the session, and releases the lock,
+//! within half a minute rather than the OS's two hours. A session that turns out to be a
+//! pooler's is refused with one line naming `DATABASE_DIRECT_URL`.
 //!
 //! Order on loss: when the session ends or a ping goes unanswered, [`Election`] first reports
 //! "not leader" (the runner drops its polling future at once, cancelling the `getUpdates` in
@@ -20,7 +24,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::db::{DbConfig, SessionError};
 
 /// `application_name` of the leader session.
 pub const APPLICATION_NAME: &str = "rolecache-leader";
@@ -64,9 +70,9 @@ pub struct Election {
 
 impl Election {
     /// Starts campaigning for `bot_id`'s leadership on the database of `pg`.
-    pub fn start(pg: &tokio_postgres::Config, bot_id: i64, config: LeaderConfig) -> Election {
-        let mut pg = pg.clone();
-        crate::db::harden(&mut pg);
+    pub fn start(pg: impl Into<DbConfig>, bot_id: i64, config: LeaderConfig) -> Election {
+        let mut pg: DbConfig = pg.into();
+        crate::db::harden_session(&mut pg);
         pg.application_name(APPLICATION_NAME);
         let (tx, leader) = watch::channel(false);
         let task = tokio::spawn(campaign(pg, lock_key(bot_id), config, tx));
@@ -98,22 +104,20 @@ impl Drop for Session {
     }
 }
 
-async fn connect(pg: &tokio_postgres::Config) -> Result<Session, tokio_postgres::Error> {
-    let (client, connection) = pg.connect(NoTls).await?;
+/// Opens the lock session and checks that it is a server session of its own.
+async fn connect(pg: &DbConfig) -> Result<Session, SessionError> {
+    let (client, connection) = crate::db::connect_session(pg).await?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "leader session ended");
         }
     });
-    Ok(Session { client, driver })
+    let session = Session { client, driver };
+    crate::db::session::ensure_direct(&session.client, pg).await?;
+    Ok(session)
 }
 
-async fn campaign(
-    pg: tokio_postgres::Config,
-    key: i64,
-    config: LeaderConfig,
-    tx: watch::Sender<bool>,
-) {
+async fn campaign(pg: DbConfig, key: i64, config: LeaderConfig, tx: watch::Sender<bool>) {
     let mut failures = 0u32;
     loop {
         match connect(&pg).await {
@@ -128,11 +132,17 @@ async fn campaign(
                 }
                 drop(session);
             }
+            Err(e @ SessionError::Pooler(_)) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::error!(error = %e, "the leader lock session is not usable: not polling");
+                }
+            }
             Err(e) => {
                 failures += 1;
                 // The listener reports an unreachable database loudly already.
                 if failures == 1 || failures % 30 == 0 {
-                    tracing::warn!(error = %crate::listener::pg_detail(&e), "cannot open the leader election session");
+                    tracing::warn!(error = %e, "cannot open the leader election session");
                 }
             }
         }

@@ -21,7 +21,7 @@ use super::leader::{Election, LeaderConfig};
 use super::{menus, reply, schema, webhook, BotError, BotState};
 use crate::cache::RoleCache;
 use crate::config::{RunConfig, UpdateSource};
-use crate::db::{RepoError, Repository};
+use crate::db::{Endpoints, RepoError, Repository};
 use crate::http::Metrics;
 use crate::instance::{Instance, InstanceOptions};
 use crate::role::UserId;
@@ -45,7 +45,7 @@ const ENSURE_OWNER: &str = "INSERT INTO users (user_id, role) VALUES ($1, 'owner
 /// What serving updates needs.
 struct Serving<'a> {
     bot: Bot,
-    pg: &'a tokio_postgres::Config,
+    pg: &'a Endpoints,
     instance: &'a Instance,
     capacity: u64,
     metrics: Arc<Metrics>,
@@ -53,12 +53,14 @@ struct Serving<'a> {
 
 /// Runs the bot until `shutdown` completes.
 pub async fn run(
-    pg: &tokio_postgres::Config,
+    pg: impl Into<Endpoints>,
     options: &InstanceOptions,
     config: &RunConfig,
     http_addr: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let pg: Endpoints = pg.into();
+    let pg = &pg;
     let bot = build_bot(&config.token, config.api_url.as_deref())?;
     let cache = RoleCache::new(options.cache_capacity);
     // Subscribed before the listener starts, so the menus miss no change.
@@ -233,7 +235,7 @@ async fn serve_polling(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let bot = &context.bot;
-    let election = Election::start(context.pg, bot_id, LeaderConfig::default());
+    let election = Election::start(&context.pg.direct, bot_id, LeaderConfig::default());
     let mut leader = election.leader();
     tracing::info!("standing by for the polling leadership");
     loop {
@@ -345,7 +347,14 @@ pub fn build_bot(token: &str, api_url: Option<&str>) -> anyhow::Result<Bot> {
 #[tracing::instrument(skip(repo))]
 pub async fn ensure_owner(repo: &Repository, user_id: UserId) -> Result<bool, RepoError> {
     let client = repo.pool().get().await?;
-    let changed = client.execute(ENSURE_OWNER, &[&user_id]).await? > 0;
+    // An unnamed statement: the pool may lead to a transaction pooler.
+    let changed = client
+        .execute_typed(
+            ENSURE_OWNER,
+            &[(&user_id, tokio_postgres::types::Type::INT8)],
+        )
+        .await?
+        > 0;
     if changed {
         tracing::info!(user_id, "OWNER_ID is now the owner");
     }

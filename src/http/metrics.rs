@@ -267,11 +267,12 @@ fn set_counter(counter: &IntCounter, value: u64) {
 async fn queue_usage(pool: &deadpool_postgres::Pool) -> Option<f64> {
     let query = async {
         let client = pool.get().await.ok()?;
-        let row = client
-            .query_one("SELECT pg_notification_queue_usage()", &[])
+        // A simple query: the pool may lead to a transaction pooler.
+        crate::db::simple_value(&client, "SELECT pg_notification_queue_usage()")
             .await
-            .ok()?;
-        row.try_get::<_, f64>(0).ok()
+            .ok()??
+            .parse()
+            .ok()
     };
     tokio::time::timeout(Duration::from_secs(2), query)
         .await

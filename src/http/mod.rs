@@ -2,6 +2,7 @@
 //! alive) and `/readyz` (200 only while the listener is synced and the database answers; 503
 //! with a one-line reason otherwise). The bot mounts its webhook on the same server.
 
+pub mod health;
 pub mod metrics;
 
 use std::future::Future;
@@ -88,13 +89,14 @@ pub async fn readiness(state: &HttpState) -> Result<(), String> {
         }
         ListenerState::Stopped => return Err("listener stopped".into()),
     }
+    // A simple query: no prepared statement, so it works through a transaction pooler.
     let ping = async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;
         client
-            .query_one("SELECT 1", &[])
+            .simple_query("SELECT 1")
             .await
             .map(|_| ())
-            .map_err(|e| crate::listener::pg_detail(&e))
+            .map_err(|e| crate::db::session::detail(&e))
     };
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(())) => Ok(()),

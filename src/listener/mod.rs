@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Connection, Notification};
 
 use crate::cache::{ResyncReason, RoleCache};
 use payload::Payload;
@@ -139,6 +139,8 @@ pub enum ListenerError {
     PingTimeout(Duration),
     #[error("trigger check failed: {}", pg_detail(.0))]
     Check(#[source] tokio_postgres::Error),
+    #[error("{0}")]
+    Session(#[source] crate::db::SessionError),
 }
 
 /// A tokio-postgres error with its cause: its own `Display` says only "db error" or
@@ -206,7 +208,7 @@ impl Drop for ListenerHandle {
 
 /// The listener task. See the module documentation for its contract.
 pub struct Listener {
-    pg: tokio_postgres::Config,
+    pg: crate::db::DbConfig,
     pool: deadpool_postgres::Pool,
     cache: RoleCache,
     config: ListenerConfig,
@@ -218,14 +220,14 @@ pub struct Listener {
 impl Listener {
     /// A listener for the database of `pg` (its own session) that sends pings through `pool`.
     pub fn new(
-        pg: &tokio_postgres::Config,
+        pg: impl Into<crate::db::DbConfig>,
         pool: deadpool_postgres::Pool,
         cache: RoleCache,
         config: ListenerConfig,
     ) -> Self {
-        let mut pg = pg.clone();
+        let mut pg: crate::db::DbConfig = pg.into();
         pg.application_name(APPLICATION_NAME);
-        crate::db::harden(&mut pg);
+        crate::db::harden_session(&mut pg);
         pg.connect_timeout(config.io_timeout);
         let (state, _) = watch::channel(ListenerState::Connecting { attempt: 1 });
         Listener {
@@ -301,9 +303,9 @@ impl Listener {
     async fn session(&mut self, first: bool, backoff: &mut Backoff) -> ListenerError {
         let io_timeout = self.config.io_timeout;
         let (client, connection) =
-            match tokio::time::timeout(io_timeout, self.pg.connect(NoTls)).await {
+            match tokio::time::timeout(io_timeout, crate::db::connect_session(&self.pg)).await {
                 Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return ListenerError::Connect(e),
+                Ok(Err(e)) => return ListenerError::Session(e),
                 Err(_) => return ListenerError::Timeout(io_timeout),
             };
         let (tx, mut rx) = mpsc::channel(self.config.queue_capacity);
@@ -329,6 +331,9 @@ impl Listener {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return ListenerError::Listen(e),
             Err(_) => return ListenerError::Timeout(io_timeout),
+        }
+        if let Err(e) = crate::db::session::ensure_direct(&client, &self.pg).await {
+            return ListenerError::Session(e);
         }
         self.stats.connected.store(true, Ordering::Release);
         backoff.reset();

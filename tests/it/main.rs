@@ -14,5 +14,6 @@ mod resilience;
 mod schema;
 mod security;
 mod timeouts;
+mod tls;
 mod torture;
 mod watch_cli;
