@@ -43,6 +43,12 @@ fn server() -> &'static Server {
     })
 }
 
+/// Connection settings of the test server's `postgres` database (for tests that put something,
+/// such as a pooler, in front of it).
+pub fn server_config() -> tokio_postgres::Config {
+    server().admin.clone()
+}
+
 fn answers(config: &tokio_postgres::Config) -> bool {
     block_on(async {
         tokio::time::timeout(Duration::from_secs(3), config.connect(NoTls))

@@ -7,6 +7,7 @@ mod bot;
 mod faults;
 mod flood;
 mod http;
+mod pgbouncer;
 mod propagation;
 mod properties;
 mod races;

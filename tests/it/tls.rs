@@ -288,8 +288,7 @@ async fn a_wrong_ca_is_refused_with_a_clear_message() {
     // Without a CA, verify-full uses the system's roots, which never signed a test CA.
     let err = try_client(&s.url("localhost", "postgres", "sslmode=verify-full"))
         .await
-        .err()
-        .expect("a self-made CA is not in the system's store");
+        .expect_err("a self-made CA is not in the system's store");
     assert!(
         err.contains("not signed by the system's trusted CAs"),
         "{err}"
@@ -307,8 +306,7 @@ async fn a_wrong_host_name_is_refused_with_a_clear_message() {
         &format!("sslmode=verify-full&sslrootcert={ca}"),
     ))
     .await
-    .err()
-    .expect("the certificate names localhost only");
+    .expect_err("the certificate names localhost only");
     assert!(
         err.contains("not valid for the host name \"127.0.0.1\"") && !err.contains('\n'),
         "{err}"
@@ -321,8 +319,7 @@ async fn sslmode_disable_is_refused_clearly() {
     let s = server();
     let err = try_client(&s.url("127.0.0.1", "postgres", "sslmode=disable"))
         .await
-        .err()
-        .expect("the server accepts TLS connections only");
+        .expect_err("the server accepts TLS connections only");
     assert!(
         err.contains("no encryption") && err.contains("add sslmode=require"),
         "{err}"
@@ -344,7 +341,7 @@ async fn scram_channel_binding_works() {
         "postgres://{SCRAM_USER}:wrong@127.0.0.1:{}/postgres?sslmode=require&channel_binding=require",
         s.port
     );
-    let err = try_client(&url).await.err().expect("wrong password");
+    let err = try_client(&url).await.expect_err("wrong password");
     assert!(!err.contains("wrong"), "the password leaked: {err}");
 }
 
