@@ -4,6 +4,7 @@
 mod harness;
 
 mod bot;
+mod embedded_home;
 mod faults;
 mod flood;
 mod http;
