@@ -448,21 +448,17 @@ impl CacheOptions {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m` or a plain number of seconds; zero and absurd values are refused.
+/// Parses a humantime duration (`250ms`, `5s`, `1m30s`, `2h`) or a plain number of seconds;
+/// zero and more than a day are refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{text:?} has an unknown unit (use ms, s or m)")),
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{text:?} is too large"))?
+    } else {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like 500ms, 5s or 1m30s ({e})"))?
     };
     if duration.is_zero() || duration > Duration::from_secs(24 * 3600) {
         return Err(format!("{text:?} must be between 1ms and 24h"));
@@ -524,13 +520,17 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         for bad in [
             "",
             "0s",
             "-1s",
-            "5h",
+            "25h",
+            "5 parsecs",
             "abc",
-            "1.5s",
             "99999999999999999999s",
             "25000m",
         ] {

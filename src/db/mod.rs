@@ -339,9 +339,10 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, InvalidUrl> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(InvalidUrl::new(format!(
-                "expected key=value in the connection string (after {key:?})"
-            )));
+            // The text is not repeated: it may hold a password.
+            return Err(InvalidUrl::new(
+                "not a postgres:// URL, nor key=value pairs (e.g. host=... dbname=...)",
+            ));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();

@@ -102,6 +102,18 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(webhook_requests.clone()))
             .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "rolecache_build_info",
+                "Always 1; the labels name the running build",
+            ),
+            &["version", "rustc_msrv"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_RUST_VERSION")])
+            .set(1);
+        r.register(Box::new(build_info)).expect("unique metric");
         let info = IntGaugeVec::new(
             Opts::new("rolecache_info", "Static facts about this instance"),
             &["key", "value"],

@@ -4,6 +4,7 @@
 mod harness;
 
 mod bot;
+mod config_cli;
 mod embedded_home;
 mod faults;
 mod flood;
