@@ -72,6 +72,11 @@ pub async fn run(
             .with_context(|| format!("cannot make OWNER_ID {owner} the owner"))?;
     }
     let metrics = Metrics::new();
+    let mode = match &config.updates {
+        UpdateSource::Webhook(_) => "webhook",
+        UpdateSource::Polling => "polling",
+    };
+    metrics.info.with_label_values(&["updates", mode]).set(1);
     let (routes, webhook_updates, http_addr) = match &config.updates {
         UpdateSource::Webhook(hook) => {
             let (routes, updates) = webhook::channel(hook, metrics.clone());

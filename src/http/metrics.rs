@@ -44,7 +44,21 @@ pub struct Metrics {
     pub duplicate_updates: IntCounter,
     /// Any further gauges by name (e.g. per-mode flags), fed by their owners.
     pub info: IntGaugeVec,
+    /// 1 for the listener's current state, 0 for the others.
+    listener_state: IntGaugeVec,
+    /// 1 while /readyz answers 200.
+    ready: IntGauge,
+    build_info: IntGaugeVec,
 }
+
+/// The values of `rolecache_listener_state`'s `state` label.
+pub const LISTENER_STATES: [&str; 5] = [
+    "connecting",
+    "synced",
+    "triggers_broken",
+    "disconnected",
+    "stopped",
+];
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(format!("rolecache_{name}"), help).expect("valid metric name");
@@ -113,7 +127,22 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_RUST_VERSION")])
             .set(1);
-        r.register(Box::new(build_info)).expect("unique metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        let listener_state = IntGaugeVec::new(
+            Opts::new(
+                "rolecache_listener_state",
+                "1 for the listener's current state (connecting, synced, triggers_broken, \
+                 disconnected, stopped)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        for state in LISTENER_STATES {
+            listener_state.with_label_values(&[state]).set(0);
+        }
+        r.register(Box::new(listener_state.clone()))
+            .expect("unique metric");
         let info = IntGaugeVec::new(
             Opts::new("rolecache_info", "Static facts about this instance"),
             &["key", "value"],
@@ -202,6 +231,13 @@ impl Metrics {
                 "Updates dropped because another delivery of them was handled (here or elsewhere)",
             ),
             info,
+            listener_state,
+            ready: gauge(
+                &r,
+                "ready",
+                "1 while /readyz answers 200 (listener synced, database answering)",
+            ),
+            build_info,
             registry: r,
         })
     }
@@ -222,6 +258,46 @@ impl Metrics {
                 }
             }
         })
+    }
+
+    /// Records the listener's state and the readiness verdict (set at scrape time).
+    pub fn set_health(&self, listener: &crate::listener::ListenerState, ready: bool) {
+        use crate::listener::ListenerState as S;
+        let current = match listener {
+            S::Connecting { .. } => "connecting",
+            S::Synced => "synced",
+            S::TriggersBroken { .. } => "triggers_broken",
+            S::Disconnected { .. } => "disconnected",
+            S::Stopped => "stopped",
+        };
+        for state in LISTENER_STATES {
+            self.listener_state
+                .with_label_values(&[state])
+                .set(i64::from(state == current));
+        }
+        self.ready.set(i64::from(ready));
+    }
+
+    /// The name of every metric this registry can show, including label sets not used yet
+    /// (for checking dashboards and alert rules against it).
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        use prometheus::core::Collector;
+        let mut names: std::collections::BTreeSet<String> = self
+            .registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_string())
+            .collect();
+        for vec in [
+            &self.resyncs as &dyn Collector,
+            &self.updates,
+            &self.webhook_requests,
+            &self.info,
+            &self.build_info,
+        ] {
+            names.extend(vec.desc().iter().map(|d| d.fq_name.clone()));
+        }
+        names
     }
 
     /// Brings the mirrored counters up to date and renders the Prometheus text format.

@@ -53,6 +53,9 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    let listener = state.listener.borrow().clone();
+    let ready = readiness(&state).await.is_ok();
+    state.metrics.set_health(&listener, ready);
     let body = state
         .metrics
         .render(&state.cache, &state.listener_stats, &state.pool)

@@ -9,6 +9,7 @@ mod embedded_home;
 mod faults;
 mod flood;
 mod http;
+mod ops_kit;
 mod pgbouncer;
 mod propagation;
 mod properties;
