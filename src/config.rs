@@ -357,7 +357,7 @@ fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
             "{text:?} must be an https:// URL (Telegram requires it)"
         ));
     }
-    if !url.host_str().is_some_and(|h| !h.is_empty()) {
+    if url.host_str().is_none_or(|h| h.is_empty()) {
         return Err(format!("{text:?} has no host"));
     }
     if url.query().is_some() || url.fragment().is_some() {
@@ -494,6 +494,8 @@ pub fn secret(
     value: Option<&str>,
     file: Option<&std::path::Path>,
 ) -> Result<Option<String>, String> {
+    // An empty variable (`KEY=` in a compose file) counts as unset.
+    let value = value.filter(|v| !v.trim().is_empty());
     match (value, file) {
         (Some(_), Some(_)) => Err(format!("{name} and {name}_FILE are both set: set one")),
         (Some(value), None) => Ok(Some(value.to_string())),

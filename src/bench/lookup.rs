@@ -247,11 +247,11 @@ async fn run_tasks(
                 let mut out = TaskOutcome::default();
                 let mut n: u64 = 0;
                 loop {
-                    if n % 256 == 0 && Instant::now() >= end {
+                    if n.is_multiple_of(256) && Instant::now() >= end {
                         break;
                     }
                     let id = keys[n as usize % keys.len()];
-                    let timed = record && n % TIME_EVERY == 0;
+                    let timed = record && n.is_multiple_of(TIME_EVERY);
                     n += 1;
                     let floor = committed.version[id].load(Ordering::Acquire);
                     let began = timed.then(Instant::now);
@@ -270,7 +270,7 @@ async fn run_tasks(
                                 .max(Instant::now().saturating_duration_since(at));
                         }
                     }
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
                 }

@@ -134,14 +134,14 @@ async fn campaign(pg: DbConfig, key: i64, config: LeaderConfig, tx: watch::Sende
             }
             Err(e @ SessionError::Pooler(_)) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::error!(error = %e, "the leader lock session is not usable: not polling");
                 }
             }
             Err(e) => {
                 failures += 1;
                 // The listener reports an unreachable database loudly already.
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "cannot open the leader election session");
                 }
             }

@@ -571,7 +571,7 @@ impl Pong {
     fn record(&self, payload: &str) {
         if let Ok(id) = payload.parse::<u64>() {
             let mut latest = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if latest.map_or(true, |(seen, _)| id > seen) {
+            if latest.is_none_or(|(seen, _)| id > seen) {
                 *latest = Some((id, Instant::now()));
             }
         }
