@@ -325,21 +325,24 @@ impl TelegramOptions {
 
     /// WEBHOOK_URL and WEBHOOK_SECRET together, or the one line to print when one is missing.
     pub fn webhook_config(&self) -> Result<WebhookConfig, String> {
-        let url = self.webhook_url.clone().ok_or_else(|| {
-            "WEBHOOK_URL is not set: give the public https:// URL of the webhook".to_string()
-        })?;
-        let value = secret(
+        // A malformed secret is reported first (as when it was checked at parsing).
+        let secret = secret(
             "WEBHOOK_SECRET",
             self.webhook_secret.as_deref(),
             self.webhook_secret_file.as_deref(),
         )?
-        .ok_or_else(|| {
+        .map(|value| {
+            parse_webhook_secret(&value).map_err(|e| format!("invalid WEBHOOK_SECRET: {e}"))
+        })
+        .transpose()?;
+        let url = self.webhook_url.clone().ok_or_else(|| {
+            "WEBHOOK_URL is not set: give the public https:// URL of the webhook".to_string()
+        })?;
+        let secret = secret.ok_or_else(|| {
             "WEBHOOK_SECRET is not set: webhook mode needs a secret token \
              (1-256 characters of A-Z a-z 0-9 _ -), the same on every instance"
                 .to_string()
         })?;
-        let secret =
-            parse_webhook_secret(&value).map_err(|e| format!("invalid WEBHOOK_SECRET: {e}"))?;
         Ok(WebhookConfig { url, secret })
     }
 }

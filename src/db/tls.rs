@@ -382,11 +382,19 @@ impl Connect {
                     self.roots
                 ),
                 CertificateError::NotValidForName
-                | CertificateError::NotValidForNameContext { .. } => format!(
-                    "the server's certificate is not valid for the host name {host:?} \
-                     (sslmode=verify-full checks it; connect by a name the certificate lists, \
-                     or use sslmode=verify-ca): {cert:?}"
-                ),
+                | CertificateError::NotValidForNameContext { .. } => {
+                    let names = match cert {
+                        CertificateError::NotValidForNameContext { presented, .. } => {
+                            format!(" (it names: {})", presented.join(", "))
+                        }
+                        _ => String::new(),
+                    };
+                    format!(
+                        "the server's certificate is not valid for the host name {host:?}{names}; \
+                         sslmode=verify-full checks it: connect by a name the certificate lists, \
+                         or use sslmode=verify-ca"
+                    )
+                }
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                     format!("the server's certificate has expired (sslmode={mode})")
                 }

@@ -332,10 +332,10 @@ impl Listener {
             Ok(Err(e)) => return ListenerError::Listen(e),
             Err(_) => return ListenerError::Timeout(io_timeout),
         }
+        self.stats.connected.store(true, Ordering::Release);
         if let Err(e) = crate::db::session::ensure_direct(&client, &self.pg).await {
             return ListenerError::Session(e);
         }
-        self.stats.connected.store(true, Ordering::Release);
         backoff.reset();
         tracing::info!(channel = CHANNEL, "listening for role changes");
 
