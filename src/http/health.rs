@@ -5,10 +5,20 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-/// `/readyz` on the loopback at the port of `http_addr` (8080 when unset).
+/// `/readyz` where `http_addr` serves it: its address, or the loopback when it listens on all
+/// addresses (or is unset: port 8080).
 pub fn default_url(http_addr: Option<SocketAddr>) -> String {
-    let port = http_addr.map_or(8080, |a| a.port());
-    format!("http://127.0.0.1:{port}/readyz")
+    let addr = match http_addr {
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        Some(a) if a.ip().is_unspecified() && a.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        Some(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        Some(a) => a,
+    };
+    format!("http://{addr}/readyz")
 }
 
 /// GETs `url`; `Ok(first line of the body)` on 200, `Err(why)` otherwise.
@@ -59,5 +69,25 @@ pub fn probe(url: &str, timeout: Duration) -> Result<String, String> {
         Ok(line)
     } else {
         Err(format!("{status} {line}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_url_follows_the_http_address() {
+        assert_eq!(default_url(None), "http://127.0.0.1:8080/readyz");
+        let url = |a: &str| default_url(Some(a.parse().unwrap()));
+        assert_eq!(url("0.0.0.0:9000"), "http://127.0.0.1:9000/readyz");
+        assert_eq!(url("[::]:9000"), "http://[::1]:9000/readyz");
+        assert_eq!(url("10.1.2.3:8081"), "http://10.1.2.3:8081/readyz");
+    }
+
+    #[test]
+    fn probe_refuses_what_it_cannot_fetch() {
+        assert!(probe("https://127.0.0.1/readyz", Duration::from_millis(100)).is_err());
+        assert!(probe("ftp://x", Duration::from_millis(100)).is_err());
     }
 }
