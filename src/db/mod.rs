@@ -208,7 +208,13 @@ impl DbConfig {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<DbConfig, InvalidUrl> {
         let (rest, extras) = split_tls_params(url.trim())?;
-        let mut mode = SslMode::Prefer;
+        // libpq's environment default, when the URL names no sslmode.
+        let mut mode = match env("PGSSLMODE").filter(|v| !v.is_empty()) {
+            Some(v) => {
+                SslMode::parse(&v).map_err(|e| InvalidUrl::new(format!("PGSSLMODE: {e}")))?
+            }
+            None => SslMode::Prefer,
+        };
         let mut roots = None;
         for (key, value) in extras {
             match key.as_str() {
@@ -510,6 +516,17 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn pgsslmode_is_the_default_the_url_overrides() {
+        let env = |k: &str| (k == "PGSSLMODE").then(|| "require".to_string());
+        let c = DbConfig::parse_with_env("postgres://h/db", env).unwrap();
+        assert_eq!(c.tls().mode(), SslMode::Require);
+        let c = DbConfig::parse_with_env("postgres://h/db?sslmode=disable", env).unwrap();
+        assert_eq!(c.tls().mode(), SslMode::Disable);
+        let bad = |k: &str| (k == "PGSSLMODE").then(|| "sometimes".to_string());
+        assert!(DbConfig::parse_with_env("postgres://h/db", bad).is_err());
     }
 
     #[test]

@@ -177,10 +177,13 @@ fn client_config(mode: SslMode, roots: Option<&RootCert>) -> Result<ClientConfig
     } else {
         Arc::new(NoVerification(provider))
     };
-    Ok(builder
+    let mut config = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    // As libpq 17 does: PostgreSQL 17 requires it with `sslnegotiation=direct`.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(config)
 }
 
 fn load_file(path: &Path) -> Result<RootCertStore, TlsSetupError> {
