@@ -228,3 +228,66 @@ async fn healthcheck_fails_with_a_reason_when_nothing_answers() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn a_running_bot_logs_neither_its_token_nor_its_database_password() {
+    let db = TestDb::new().await;
+    // Trust authentication ignores the password, but the bot holds it all the same.
+    let url = db.url().replacen("postgres@", "postgres:SECRET-pw@", 1);
+    assert!(url.contains("SECRET-pw"), "{url}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(bin())
+        .arg("run")
+        .env("DATABASE_URL", &url)
+        .env_remove("DATABASE_DIRECT_URL")
+        .env("TELOXIDE_TOKEN", "4711:SECRET-token")
+        // Nothing answers there: the bot retries getMe and logs each failure.
+        .env("TELOXIDE_API_URL", format!("http://127.0.0.1:{port}"))
+        .env("ROLECACHE_HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The barrier: the listener has synced and getMe has failed twice (each failure logged).
+    let mut all = String::new();
+    let (mut synced, mut failures) = (false, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(synced && failures >= 2) {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no sync and two getMe failures in time:\n{all}"))
+            .unwrap_or_else(|| panic!("the bot exited:\n{all}"));
+        synced |= line.contains("role cache synced");
+        failures += usize::from(line.contains("cannot reach Telegram"));
+        all.push_str(&line);
+        all.push('\n');
+    }
+    // SAFETY: sends SIGTERM to the child this test started.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    // What it logged while stopping, too.
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        all.push_str(&line);
+        all.push('\n');
+    }
+    assert!(all.contains("cannot reach Telegram"), "{all}");
+    assert!(!all.contains("SECRET-token"), "the token leaked:\n{all}");
+    assert!(!all.contains("SECRET-pw"), "the password leaked:\n{all}");
+}
