@@ -14,25 +14,40 @@ use tokio_postgres::{GenericClient, Row, Transaction};
 
 use crate::role::{Role, RoleState, RoleVersion, UnknownRole, UserId};
 
+// The database errors are not `#[source]`s: their text (with the server's SQLSTATE, message
+// and detail) is in the message already, and an error chain printed with `{:#}` would repeat it
+// as tokio-postgres's "db error" followed by the server's multi-line text.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error("database unavailable: {}", pool_detail(.0))]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     #[error("database error: {}", db_detail(.0))]
-    Db(#[from] tokio_postgres::Error),
+    Db(tokio_postgres::Error),
     #[error("users table holds an invalid role: {0}")]
     CorruptRole(#[from] UnknownRole),
     /// A new user's row got no role version: the `rolecache_version` trigger is disabled (the
     /// column has no default on purpose, so that an unversioned row is never published).
-    #[error("user {user_id} cannot be registered while the rolecache_version trigger is disabled: {}", db_detail(.source))]
+    #[error("user {user_id} cannot be registered while the rolecache_version trigger is disabled: {}", db_detail(.error))]
     Unversioned {
         user_id: UserId,
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// Every attempt found the row absent and then in the way of the insert: it was inserted
     /// and deleted again concurrently, each time.
     #[error("user {user_id} could not be registered: the row appeared and vanished again during each of {attempts} attempts")]
     RegisterRace { user_id: UserId, attempts: u32 },
+}
+
+impl From<deadpool_postgres::PoolError> for RepoError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        RepoError::Pool(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for RepoError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        RepoError::Db(e)
+    }
 }
 
 impl RepoError {
@@ -51,7 +66,7 @@ impl RepoError {
     /// when the row got no role version.
     pub fn of_insert(user_id: UserId, e: tokio_postgres::Error) -> RepoError {
         if is_unversioned(&e) {
-            RepoError::Unversioned { user_id, source: e }
+            RepoError::Unversioned { user_id, error: e }
         } else {
             RepoError::Db(e)
         }
@@ -60,7 +75,7 @@ impl RepoError {
     /// The server's SQLSTATE, when the server rejected a statement.
     pub fn sqlstate(&self) -> Option<&SqlState> {
         match self {
-            RepoError::Db(e) | RepoError::Unversioned { source: e, .. } => e.code(),
+            RepoError::Db(e) | RepoError::Unversioned { error: e, .. } => e.code(),
             _ => None,
         }
     }

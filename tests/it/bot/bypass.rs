@@ -165,6 +165,8 @@ async fn an_owner_id_that_cannot_be_registered_stops_the_start_with_one_clear_li
         line.contains("rolecache_version trigger is disabled") && line.contains("23502"),
         "{line}"
     );
+    // One line: the server's text once, not again as tokio-postgres's "db error" chain.
+    assert!(!line.contains("db error"), "{line}");
     let status = process
         .stop_with(libc::SIGTERM, Duration::from_secs(10))
         .await;
