@@ -485,3 +485,51 @@ pub async fn update_role(
         .await?;
     UserRow::from_row(&row)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that is a conflict or not, as the test says.
+    #[derive(Debug)]
+    struct Lost(bool);
+
+    impl fmt::Display for Lost {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "lost (conflict: {})", self.0)
+        }
+    }
+
+    impl Conflict for Lost {
+        fn is_conflict(&self) -> bool {
+            self.0
+        }
+    }
+
+    async fn run(results: Vec<Result<u8, Lost>>) -> (Result<u8, Lost>, u32) {
+        let mut results = results.into_iter();
+        let mut calls = 0;
+        let result = retry_conflicts("a test", || {
+            calls += 1;
+            let next = results.next().expect("called more often than expected");
+            async move { next }
+        })
+        .await;
+        (result, calls)
+    }
+
+    #[tokio::test]
+    async fn conflicts_are_retried_a_bounded_number_of_times_and_nothing_else_is() {
+        let (result, calls) = run(vec![Err(Lost(true)), Err(Lost(true)), Ok(7)]).await;
+        assert_eq!((result.unwrap(), calls), (7, 3));
+
+        let (result, calls) = run(vec![Err(Lost(false))]).await;
+        assert!(matches!(result, Err(Lost(false))));
+        assert_eq!(calls, 1);
+
+        let always = (0..CONFLICT_ATTEMPTS).map(|_| Err(Lost(true))).collect();
+        let (result, calls) = run(always).await;
+        assert!(matches!(result, Err(Lost(true))));
+        assert_eq!(calls, CONFLICT_ATTEMPTS);
+    }
+}
