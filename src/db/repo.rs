@@ -293,7 +293,7 @@ impl Repository {
 
     /// The rows holding `username` (without the `@`, any case), by id; at most
     /// [`HOLDERS_LIMIT`]. More than one means the name changed hands and its new holder has not
-    /// written to the bot since (see [`Repository::claim_username`]).
+    /// written to the bot since (see [`Repository::claim_username`]), or a DBA wrote it twice.
     pub async fn holders_of(&self, username: &str) -> Result<Vec<UserRow>, RepoError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(SELECT_USERS_BY_NAME).await?;
