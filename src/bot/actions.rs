@@ -7,12 +7,21 @@
 //!    caller demoted a moment ago cannot act on the admin role the cache still shows — and
 //! 4. writes the new role(s); the triggers audit and publish them.
 //!
+//! A transaction that loses a deadlock (40P01) or a serialization conflict (40001) with a
+//! concurrent one — a DBA's statement locking the same rows in the other order — is run again,
+//! a few times, after a short jittered backoff ([`Repository::transact_retrying`]).
+//!
+//! An `@username` target means the row holding that name now. Usernames are not unique in the
+//! table (a name changes hands on Telegram; the bot clears it from other rows when it sees its
+//! holder), so a name still held by several rows is refused with their ids, and the locked
+//! target must still hold the name.
+//!
 //! The committed rows are also written into this instance's cache (through the cache's load
 //! path, under its version rule), so the change holds here for the very next message without
 //! waiting for the notification; other instances follow through the listener.
 
 use crate::cache::RoleCache;
-use crate::db::repo::{lock_user, update_role, UserRow};
+use crate::db::repo::{lock_user, update_role, Conflict, UserRow};
 use crate::db::{RepoError, Repository};
 use crate::role::{Role, UserId};
 
@@ -28,8 +37,23 @@ pub enum ActionError {
     NeverSeen(Target),
     #[error("You are not registered; send /start first.")]
     CallerUnknown,
+    #[error("{target} is held by several users (ids {}); use the numeric id.", join_ids(.ids))]
+    Ambiguous { target: Target, ids: Vec<UserId> },
+    #[error("{0} changed hands just now; try again.")]
+    NameMoved(Target),
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Conflict for ActionError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, ActionError::Repo(e) if e.is_conflict())
+    }
+}
+
+fn join_ids(ids: &[UserId]) -> String {
+    let ids: Vec<String> = ids.iter().map(UserId::to_string).collect();
+    ids.join(", ")
 }
 
 /// A change that was committed.
@@ -49,10 +73,10 @@ pub async fn perform(
     target: &Target,
 ) -> Result<Done, ActionError> {
     let target_id = resolve(repo, target).await?;
-    let target = target.clone();
     let ticket = cache.begin_load();
     let done = repo
-        .transact(Some(caller), move |tx| {
+        .transact_retrying(Some(caller), |tx| {
+            let target = target.clone();
             Box::pin(async move {
                 // Lock in id order: two admins acting on each other at once queue instead of
                 // deadlocking.
@@ -66,7 +90,17 @@ pub async fn perform(
                     (c, t)
                 };
                 let caller_row = caller_row.ok_or(ActionError::CallerUnknown)?;
-                let target_row = target_row.ok_or(ActionError::NeverSeen(target))?;
+                let target_row =
+                    target_row.ok_or_else(|| ActionError::NeverSeen(target.clone()))?;
+                if let Target::Username(name) = &target {
+                    let holds = target_row
+                        .username
+                        .as_deref()
+                        .is_some_and(|held| held.eq_ignore_ascii_case(name));
+                    if !holds {
+                        return Err(ActionError::NameMoved(target));
+                    }
+                }
                 let change =
                     rules::decide(action, caller, caller_row.role, target_id, target_row.role)?;
                 let target = update_role(tx, target_id, change.target).await?;
@@ -84,13 +118,18 @@ pub async fn perform(
     Ok(done)
 }
 
-/// The user id behind `target`; someone the bot has seen (a row in `users`).
+/// The user id behind `target`; someone the bot has seen (a row in `users`), and for a
+/// username, the one row holding it.
 async fn resolve(repo: &Repository, target: &Target) -> Result<UserId, ActionError> {
     match target {
         Target::Id(id) => Ok(*id),
-        Target::Username(name) => match repo.user_by_username(name).await? {
-            Some(user) => Ok(user.user_id),
-            None => Err(ActionError::NeverSeen(target.clone())),
+        Target::Username(name) => match repo.holders_of(name).await?.as_slice() {
+            [] => Err(ActionError::NeverSeen(target.clone())),
+            [holder] => Ok(holder.user_id),
+            several => Err(ActionError::Ambiguous {
+                target: target.clone(),
+                ids: several.iter().map(|u| u.user_id).collect(),
+            }),
         },
     }
 }

@@ -16,6 +16,7 @@ use super::{menus, BotState};
 use crate::cache::CacheStats;
 use crate::db::AuditEntry;
 use crate::listener::ListenerState;
+use crate::role::Role;
 
 type HandlerResult = Result<(), BotError>;
 
@@ -135,62 +136,73 @@ impl Command {
 pub const UNAVAILABLE: &str =
     "Your role can't be checked right now (database temporarily unavailable); try again shortly.";
 
-pub async fn start(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
-    let (outcome, text) = match caller.role() {
-        Some(role) => (
-            Outcome::Ok,
-            format!(
-                "Hello, {}! You are registered as {role}. /help lists your commands.",
-                caller.first_name
-            ),
-        ),
-        None => (
-            Outcome::Unavailable,
-            format!(
-                "Hello, {}! I can't reach my database right now; /help lists the commands.",
-                caller.first_name
-            ),
-        ),
-    };
-    answer(&bot, &msg, &state, "start", outcome, text).await
+/// The line sent to a new user who cannot be registered now ([`Access::Unregistered`]).
+pub const REGISTRATION_PAUSED: &str =
+    "You are not registered yet, and registration is paused during database maintenance; try again later.";
+
+/// The one reply a caller without a known role gets, whatever they sent; `None` for a caller
+/// with a role. It carries no data (no greeting by name, no menu, no id) and nothing is done:
+/// the caller may be a banned user whose role could not be read.
+pub fn without_role_text(access: Access) -> Option<&'static str> {
+    match access {
+        Access::Role(_) => None,
+        Access::Unavailable => Some(UNAVAILABLE),
+        Access::Unregistered => Some(REGISTRATION_PAUSED),
+    }
 }
 
-pub async fn help(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
-    let lines: Vec<String> = menus::commands_for(caller.role())
-        .iter()
-        .map(|c| format!("/{} — {}", c.command, c.description))
-        .collect();
-    answer(&bot, &msg, &state, "help", Outcome::Ok, lines.join("\n")).await
-}
-
-pub async fn whoami(bot: Bot, msg: Message, caller: Caller, state: Arc<BotState>) -> HandlerResult {
-    let (outcome, role) = match caller.access {
-        Access::Role(role) => (Outcome::Ok, role.to_string()),
-        Access::Unavailable => (
-            Outcome::Unavailable,
-            "unknown (database temporarily unavailable)".to_string(),
-        ),
-    };
-    let text = format!("id: {}\nrole: {role}", caller.id);
-    answer(&bot, &msg, &state, "whoami", outcome, text).await
-}
-
-/// A privileged command from someone whose role does not allow it (or cannot be checked).
-pub async fn refuse(
+/// Any command from a caller without a known role: [`without_role_text`].
+pub async fn without_role(
     bot: Bot,
     msg: Message,
     caller: Caller,
     cmd: Command,
     state: Arc<BotState>,
 ) -> HandlerResult {
-    let (outcome, text) = match caller.access {
-        Access::Unavailable => (Outcome::Unavailable, UNAVAILABLE.to_string()),
-        Access::Role(_) => (
-            Outcome::Denied,
-            format!("Only admins and the owner can use {}.", cmd.name()),
-        ),
-    };
-    answer(&bot, &msg, &state, cmd.label(), outcome, text).await
+    let text = without_role_text(caller.access).unwrap_or(UNAVAILABLE);
+    answer(&bot, &msg, &state, cmd.label(), Outcome::Unavailable, text).await
+}
+
+// The handlers below take the caller's `Role`: the tree routes callers without one to
+// [`without_role`] before them.
+
+pub async fn start(
+    bot: Bot,
+    msg: Message,
+    caller: Caller,
+    role: Role,
+    state: Arc<BotState>,
+) -> HandlerResult {
+    let text = format!(
+        "Hello, {}! You are registered as {role}. /help lists your commands.",
+        caller.first_name
+    );
+    answer(&bot, &msg, &state, "start", Outcome::Ok, text).await
+}
+
+pub async fn help(bot: Bot, msg: Message, role: Role, state: Arc<BotState>) -> HandlerResult {
+    let lines: Vec<String> = menus::commands_for(Some(role))
+        .iter()
+        .map(|c| format!("/{} — {}", c.command, c.description))
+        .collect();
+    answer(&bot, &msg, &state, "help", Outcome::Ok, lines.join("\n")).await
+}
+
+pub async fn whoami(
+    bot: Bot,
+    msg: Message,
+    caller: Caller,
+    role: Role,
+    state: Arc<BotState>,
+) -> HandlerResult {
+    let text = format!("id: {}\nrole: {role}", caller.id);
+    answer(&bot, &msg, &state, "whoami", Outcome::Ok, text).await
+}
+
+/// A privileged command from someone whose role does not allow it.
+pub async fn refuse(bot: Bot, msg: Message, cmd: Command, state: Arc<BotState>) -> HandlerResult {
+    let text = format!("Only admins and the owner can use {}.", cmd.name());
+    answer(&bot, &msg, &state, cmd.label(), Outcome::Denied, text).await
 }
 
 #[tracing::instrument(skip_all, fields(user_id = caller.id, action = ?action))]
@@ -253,11 +265,20 @@ pub async fn audit(bot: Bot, msg: Message, state: Arc<BotState>, args: String) -
     answer(&bot, &msg, &state, "audit", outcome, text).await
 }
 
-/// Anything that is not one of our commands: in a private chat, a pointer to /help.
-pub async fn not_a_command(bot: Bot, msg: Message, state: Arc<BotState>) -> HandlerResult {
+/// Anything that is not one of our commands: in a private chat, a pointer to /help (or, to a
+/// caller without a known role, [`without_role_text`]).
+pub async fn not_a_command(
+    bot: Bot,
+    msg: Message,
+    caller: Caller,
+    state: Arc<BotState>,
+) -> HandlerResult {
     if !msg.chat.is_private() {
         state.count(OTHER, Outcome::Ok);
         return Ok(());
+    }
+    if let Some(text) = without_role_text(caller.access) {
+        return answer(&bot, &msg, &state, OTHER, Outcome::Unavailable, text).await;
     }
     let text = match msg.text().and_then(|t| t.split_whitespace().next()) {
         Some(word) if word.starts_with('/') => {

@@ -1,15 +1,20 @@
 //! The role middleware: the sender of every message, with their role, as the [`Caller`]
 //! dependency of the handlers.
 //!
-//! * A cached user costs no database query (the last-seen username is kept in process too, so
-//!   an unchanged one is not written).
+//! * A cached user costs no database query (the username last stored is kept in process too,
+//!   so an unchanged one is not written).
 //! * A miss reads the database through [`Repository::register`]: a user never seen before is
-//!   registered as `user` in that same single statement.
+//!   registered as `user` in that same single statement. While the cache is bypassed (listener
+//!   not synced, triggers missing) every message is such a read, so the role is the table's.
 //! * A tombstone in the cache (the row was deleted) is never used as a role: the user is
 //!   registered anew.
+//! * The sender's username is claimed for them ([`Repository::claim_username`]): cleared from
+//!   any other row, so that `@name` resolves to whoever holds it now.
 //! * `banned` users are dropped here, silently.
-//! * When the database is unreachable and the role is not cached, the caller's role is
-//!   [`Access::Unavailable`]: ordinary commands are still answered, privileged ones refused.
+//! * A caller whose role is not known — [`Access::Unavailable`] (database unreachable or
+//!   failing, role not cached) or [`Access::Unregistered`] (new user, registration impossible
+//!   while the version trigger is disabled) — gets one fixed reply to anything, without data
+//!   (see [`super::commands::without_role`]): such a caller may be a banned user.
 
 use std::sync::Arc;
 
@@ -24,8 +29,11 @@ use crate::role::{Role, UserId};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Role(Role),
-    /// The database is unreachable and the role is not cached.
+    /// The role is not cached and the database is unreachable (or failed to answer).
     Unavailable,
+    /// Not in `users`, and cannot be registered now: the version trigger is disabled, so no
+    /// role version can be assigned (a DBA's maintenance; the database itself is up).
+    Unregistered,
 }
 
 /// The sender of the message being handled.
@@ -41,7 +49,7 @@ impl Caller {
     pub fn role(&self) -> Option<Role> {
         match self.access {
             Access::Role(role) => Some(role),
-            Access::Unavailable => None,
+            Access::Unavailable | Access::Unregistered => None,
         }
     }
 
@@ -77,6 +85,10 @@ pub async fn identify(msg: Message, state: Arc<BotState>) -> Option<Caller> {
 pub async fn role_of(state: &BotState, id: UserId, username: Option<&str>) -> Access {
     match lookup(state, id, username).await {
         Ok(role) => Access::Role(role),
+        Err(e @ RepoError::Unversioned { .. }) => {
+            tracing::warn!(user_id = id, error = %e, "a new user cannot be registered now");
+            Access::Unregistered
+        }
         Err(e) => {
             if e.is_unavailable() {
                 tracing::warn!(user_id = id, error = %e, "role lookup failed: database unreachable");
@@ -101,22 +113,19 @@ async fn lookup(state: &BotState, id: UserId, username: Option<&str>) -> Result<
             Ok::<_, RepoError>(Some(row_state))
         })
         .await?;
-    let role = match (found.state.role, registered) {
-        (Some(role), Some(row)) => {
-            state.remember_username(id, row.user.username).await;
-            role
-        }
-        (Some(role), None) => role,
+    let (role, read) = match (found.state.role, registered) {
+        (Some(role), Some(row)) => (role, Some(row)),
+        (Some(role), None) => (role, None),
         // A tombstone (only a cache hit can yield one: the loader always returns a row): the
         // row was deleted. Register anew; never treat it as a role.
         (None, _) => {
             let ticket = state.cache.begin_load();
             let row = state.repo.register(id, username).await?;
             state.cache.store_load(id, row.user.state(), ticket).await;
-            state.remember_username(id, row.user.username).await;
-            row.user.role
+            (row.user.role, Some(row))
         }
     };
-    state.store_username_if_changed(id, username).await;
+    let stored = read.map(|row| row.user.username);
+    state.claim_username(id, username, stored).await;
     Ok(role)
 }

@@ -39,12 +39,15 @@ use crate::db::Repository;
 use crate::http::Metrics;
 use crate::instance::Instance;
 use crate::listener::{ListenerState, ListenerStats};
-use crate::role::UserId;
+use crate::role::{Role, UserId};
 
 pub use commands::Command;
 pub use middleware::{Access, Caller};
 pub use reply::BotError;
 pub use runner::{build_bot, ensure_owner, run};
+
+/// How long a claimed username is trusted before the next message claims it again.
+const USERNAME_RECLAIM: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What every handler shares (the `Arc<BotState>` dependency).
 pub struct BotState {
@@ -57,7 +60,8 @@ pub struct BotState {
     /// mode only. In polling mode one leader fetches each update; only a failover can repeat
     /// one, and a database write per message is not worth that.
     pub updates: Option<dedup::UpdateLog>,
-    /// The username last stored for each user, so that an unchanged one costs no query.
+    /// The username this instance last claimed for each user (see
+    /// [`Repository::claim_username`]), so that an unchanged one costs no query.
     usernames: moka::future::Cache<UserId, Option<String>>,
 }
 
@@ -80,6 +84,9 @@ impl BotState {
             metrics,
             usernames: moka::future::Cache::builder()
                 .max_capacity(capacity)
+                // Another instance (or a DBA) may clear or hand on a name this instance claimed;
+                // a claim is repeated after this long, so the table does not stay wrong for good.
+                .time_to_live(USERNAME_RECLAIM)
                 .build(),
         }
     }
@@ -110,21 +117,26 @@ impl BotState {
             .inc();
     }
 
-    /// Records the username the database holds for `id`.
-    async fn remember_username(&self, id: UserId, stored: Option<String>) {
-        self.usernames.insert(id, stored).await;
-    }
-
-    /// Writes `seen` when it differs from the last stored username (or that is not known).
-    async fn store_username_if_changed(&self, id: UserId, seen: Option<&str>) {
-        if let Some(stored) = self.usernames.get(&id).await {
-            if stored.as_deref() == seen {
+    /// Claims `seen` as `id`'s username (stored, and cleared from every other row) unless this
+    /// instance already did. `read`: the username the table holds, when this message's lookup
+    /// read the row. A user without a username, stored without one, costs no query either.
+    async fn claim_username(&self, id: UserId, seen: Option<&str>, read: Option<Option<String>>) {
+        if let Some(claimed) = self.usernames.get(&id).await {
+            if claimed.as_deref() == seen {
                 return;
             }
         }
-        match self.repo.update_username(id, seen).await {
-            Ok(_) => {
+        if seen.is_none() && read == Some(None) {
+            self.usernames.insert(id, None).await;
+            return;
+        }
+        match self.repo.claim_username(id, seen).await {
+            Ok(claim) => {
                 self.usernames.insert(id, seen.map(str::to_string)).await;
+                for other in claim.cleared {
+                    tracing::info!(user_id = id, from = other, "username changed hands");
+                    self.usernames.invalidate(&other).await;
+                }
             }
             Err(e) => tracing::warn!(user_id = id, error = %e, "could not store a username"),
         }
@@ -163,14 +175,27 @@ fn command_tree() -> dptree::Handler<'static, Result<(), BotError>, DpHandlerDes
     use dptree::case;
     dptree::entry()
         .filter_command::<Command>()
-        .branch(case![Command::Start].endpoint(commands::start))
-        .branch(case![Command::Help].endpoint(commands::help))
-        .branch(case![Command::Whoami].endpoint(commands::whoami))
-        // Everything below is for admins and the owner.
-        .branch(dptree::filter(|caller: Caller| !caller.is_privileged()).endpoint(commands::refuse))
-        .branch(dptree::filter_map(|cmd: Command| cmd.action()).endpoint(commands::change_role))
-        .branch(case![Command::CacheStats].endpoint(commands::cache_stats))
-        .branch(case![Command::Audit(args)].endpoint(commands::audit))
+        // A caller whose role is not known gets one fixed reply, whatever the command.
+        .branch(
+            dptree::filter(|caller: Caller| caller.role().is_none())
+                .endpoint(commands::without_role),
+        )
+        // Below, the caller's `Role` is a dependency of its own.
+        .branch(
+            dptree::filter_map(|caller: Caller| caller.role())
+                .branch(case![Command::Start].endpoint(commands::start))
+                .branch(case![Command::Help].endpoint(commands::help))
+                .branch(case![Command::Whoami].endpoint(commands::whoami))
+                // Everything below is for admins and the owner.
+                .branch(
+                    dptree::filter(|role: Role| !role.is_privileged()).endpoint(commands::refuse),
+                )
+                .branch(
+                    dptree::filter_map(|cmd: Command| cmd.action()).endpoint(commands::change_role),
+                )
+                .branch(case![Command::CacheStats].endpoint(commands::cache_stats))
+                .branch(case![Command::Audit(args)].endpoint(commands::audit)),
+        )
 }
 
 #[cfg(test)]

@@ -39,8 +39,22 @@ pub const DEFAULT_WEBHOOK_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
 
 /// Makes `user_id` the owner, registering them if needed; a no-op when they already are.
-const ENSURE_OWNER: &str = "INSERT INTO users (user_id, role) VALUES ($1, 'owner')
-     ON CONFLICT (user_id) DO UPDATE SET role = 'owner' WHERE users.role <> 'owner'";
+/// Promote-or-insert in one statement that reads first and offers the insert only when the row
+/// is absent: an existing owner is served even while the version trigger is disabled (NOT
+/// NULL is checked before ON CONFLICT). The two writes never touch the same row: the update
+/// sees the row in this statement's snapshot, the insert only when the snapshot lacks it.
+const ENSURE_OWNER: &str = "WITH found AS (
+        SELECT 1 FROM users WHERE user_id = $1::bigint
+    ), promoted AS (
+        UPDATE users SET role = 'owner' WHERE user_id = $1::bigint AND role <> 'owner'
+        RETURNING 1
+    ), inserted AS (
+        INSERT INTO users (user_id, role)
+        SELECT $1::bigint, 'owner' WHERE NOT EXISTS (SELECT 1 FROM found)
+        ON CONFLICT (user_id) DO UPDATE SET role = 'owner' WHERE users.role <> 'owner'
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM promoted) + (SELECT count(*) FROM inserted)";
 
 /// What serving updates needs.
 struct Serving<'a> {
@@ -353,13 +367,14 @@ pub fn build_bot(token: &str, api_url: Option<&str>) -> anyhow::Result<Bot> {
 pub async fn ensure_owner(repo: &Repository, user_id: UserId) -> Result<bool, RepoError> {
     let client = repo.pool().get().await?;
     // An unnamed statement: the pool may lead to a transaction pooler.
-    let changed = client
-        .execute_typed(
+    let row = client
+        .query_typed_one(
             ENSURE_OWNER,
             &[(&user_id, tokio_postgres::types::Type::INT8)],
         )
-        .await?
-        > 0;
+        .await
+        .map_err(|e| RepoError::of_insert(user_id, e))?;
+    let changed = row.try_get::<_, i64>(0)? > 0;
     if changed {
         tracing::info!(user_id, "OWNER_ID is now the owner");
     }

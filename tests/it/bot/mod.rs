@@ -2,11 +2,15 @@
 //! on a database of each test's own.
 
 mod abuse;
+mod bypass;
 mod commands;
 mod failover;
 mod lifecycle;
 mod propagation;
+mod repository;
+mod retries;
 mod trouble;
+mod usernames;
 mod webhook;
 
 use std::process::Stdio;

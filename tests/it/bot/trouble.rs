@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{whoami, World};
+use rolecache::bot::commands::UNAVAILABLE;
 use rolecache::telegram_stub::TgUser;
 
 /// Reads and writes of `users` as the statistics collector reports them.
@@ -108,18 +109,15 @@ fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines().find(|l| l.starts_with(prefix))
 }
 
-#[tokio::test]
-async fn database_unreachable_fails_closed_for_privileged_commands_only() {
-    let world = World::start().await;
-    let bot = world.bot();
-    let owner = world.owner();
-    assert_eq!(whoami(&bot.ask(&owner, "/whoami").await).1, "owner");
-    let name = world.db.name().to_string();
-    let admin = world.db.admin().await;
-    // The polling leader's lock session is spared: without it the process stops polling at once
-    // (a lost lock means another instance may be polling; see the failover tests), and nothing
-    // would be answered at all.
-    admin
+/// Makes the test's database refuse connections and ends its sessions, except the polling
+/// leader's lock session: without it the process stops polling at once (a lost lock means
+/// another instance may be polling; see the failover tests), and nothing would be answered.
+async fn cut_off_the_database(world: &World) {
+    let name = world.db.name();
+    world
+        .db
+        .admin()
+        .await
         .batch_execute(&format!(
             "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false;
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -129,40 +127,74 @@ async fn database_unreachable_fails_closed_for_privileged_commands_only() {
         ))
         .await
         .unwrap();
+}
 
-    let carl = TgUser::new(903, "carl");
-    let reply = bot.ask(&carl, "/whoami").await;
-    assert_eq!(
-        whoami(&reply),
-        (903, "unknown (database temporarily unavailable)".into())
-    );
-    assert!(bot
-        .ask(&carl, "/start")
+async fn restore_the_database(world: &World) {
+    let name = world.db.name();
+    world
+        .db
+        .admin()
         .await
-        .starts_with("Hello, User903!"));
-    assert_eq!(bot.ask(&carl, "/help").await.lines().count(), 3);
-    for text in ["/ban 1", "/add_admin @x", "/audit", "/cache_stats"] {
-        let reply = bot.ask(&carl, text).await;
-        assert!(reply.contains("temporarily unavailable"), "{text}: {reply}");
-    }
-    // The owner's role change cannot be authorized either.
-    let reply = bot.ask(&owner, "/ban 903").await;
-    assert!(reply.contains("temporarily unavailable"), "{reply}");
-
-    admin
         .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn database_unreachable_fails_closed_with_one_fixed_reply_and_no_data() {
+    let world = World::start().await;
+    let bot = world.bot();
+    let owner = world.owner();
+    assert_eq!(whoami(&bot.ask(&owner, "/whoami").await).1, "owner");
+    cut_off_the_database(&world).await;
+
+    // Not cached, so the role is unknown: no greeting, no menu, no id, nothing done.
+    let carl = TgUser::new(903, "carl");
+    for text in [
+        "/whoami",
+        "/start",
+        "/help",
+        "hello",
+        "/ban 1",
+        "/add_admin @x",
+        "/audit",
+        "/cache_stats",
+    ] {
+        assert_eq!(bot.ask(&carl, text).await, UNAVAILABLE, "{text}");
+    }
+    // The owner is cached, but a role change is authorized by the database only.
+    let reply = bot.ask(&owner, "/ban 903").await;
+    assert_eq!(reply, UNAVAILABLE);
+
+    restore_the_database(&world).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let reply = bot.ask(&carl, "/whoami").await;
-        if whoami(&reply).1 == "user" {
+        if reply != UNAVAILABLE {
+            assert_eq!(whoami(&reply), (903, "user".into()));
             break;
         }
         assert!(Instant::now() < deadline, "never recovered: {reply}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(world.role(&carl).await.as_deref(), Some("user"));
+}
+
+#[tokio::test]
+async fn a_banned_user_who_is_not_cached_gets_no_greeting_menu_or_id_while_the_database_is_down() {
+    let world = World::start().await;
+    let bot = world.bot();
+    // Banned by a DBA before ever writing: this instance has never cached dave's role.
+    let dave = TgUser::new(905, "dave");
+    world.insert_users(&[(&dave, "banned")]).await;
+    cut_off_the_database(&world).await;
+
+    for text in ["/start", "/help", "/whoami"] {
+        let reply = bot.ask(&dave, text).await;
+        assert_eq!(reply, UNAVAILABLE, "{text}");
+    }
+    restore_the_database(&world).await;
+    assert_eq!(world.role(&dave).await.as_deref(), Some("banned"));
 }
 
 #[tokio::test]
