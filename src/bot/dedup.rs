@@ -58,7 +58,13 @@ impl UpdateLog {
         let insert = async {
             let client = self.pool.get().await?;
             let n = client
-                .execute(CLAIM, &[&self.bot_id, &i64::from(update_id)])
+                .execute_typed(
+                    CLAIM,
+                    &[
+                        (&self.bot_id, tokio_postgres::types::Type::INT8),
+                        (&i64::from(update_id), tokio_postgres::types::Type::INT8),
+                    ],
+                )
                 .await?;
             Ok::<_, RepoError>(n)
         };
@@ -80,7 +86,16 @@ impl UpdateLog {
     pub async fn forget_expired(&self, retention: Duration) -> Result<u64, RepoError> {
         let client = self.pool.get().await?;
         Ok(client
-            .execute(FORGET_EXPIRED, &[&self.bot_id, &retention.as_secs_f64()])
+            .execute_typed(
+                FORGET_EXPIRED,
+                &[
+                    (&self.bot_id, tokio_postgres::types::Type::INT8),
+                    (
+                        &retention.as_secs_f64(),
+                        tokio_postgres::types::Type::FLOAT8,
+                    ),
+                ],
+            )
             .await?)
     }
 

@@ -127,7 +127,13 @@ async fn reconcile(
     let rows = {
         let client = repo.pool().get().await?;
         client
-            .query(PRIVILEGED_OR_CHANGED, &[&known, &RECONCILE_LIMIT])
+            .query_typed(
+                PRIVILEGED_OR_CHANGED,
+                &[
+                    (&known, tokio_postgres::types::Type::INT8_ARRAY),
+                    (&RECONCILE_LIMIT, tokio_postgres::types::Type::INT8),
+                ],
+            )
             .await?
     };
     let mut current = HashMap::new();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Transaction};
 
 use crate::role::{Role, RoleState, RoleVersion, UnknownRole, UserId};
@@ -282,9 +283,11 @@ impl Repository {
 
     pub async fn user(&self, user_id: UserId) -> Result<Option<UserRow>, RepoError> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(SELECT_USER).await?;
+        // Unnamed statements throughout (`query_typed`): the pool may lead to PgBouncer in
+        // transaction mode, where a named statement prepared in one transaction is gone, or
+        // another client's, in the next.
         client
-            .query_opt(&stmt, &[&user_id])
+            .query_typed_opt(SELECT_USER, &[(&user_id, Type::INT8)])
             .await?
             .as_ref()
             .map(UserRow::from_row)
@@ -296,9 +299,11 @@ impl Repository {
     /// written to the bot since (see [`Repository::claim_username`]), or a DBA wrote it twice.
     pub async fn holders_of(&self, username: &str) -> Result<Vec<UserRow>, RepoError> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(SELECT_USERS_BY_NAME).await?;
         client
-            .query(&stmt, &[&username, &HOLDERS_LIMIT])
+            .query_typed(
+                SELECT_USERS_BY_NAME,
+                &[(&username, Type::TEXT), (&HOLDERS_LIMIT, Type::INT8)],
+            )
             .await?
             .iter()
             .map(UserRow::from_row)
@@ -327,9 +332,10 @@ impl Repository {
         username: Option<&str>,
     ) -> Result<Registered, RepoError> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(REGISTER).await?;
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&user_id, Type::INT8), (&username, Type::TEXT)];
         for _ in 0..REGISTER_ATTEMPTS {
-            match client.query_opt(&stmt, &[&user_id, &username]).await {
+            match client.query_typed_opt(REGISTER, &params).await {
                 Ok(Some(row)) => {
                     return Ok(Registered {
                         user: UserRow::from_row(&row)?,
@@ -358,8 +364,12 @@ impl Repository {
     ) -> Result<UsernameClaim, RepoError> {
         let claim = || async {
             let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(CLAIM_USERNAME).await?;
-            let rows = client.query(&stmt, &[&user_id, &username]).await?;
+            let rows = client
+                .query_typed(
+                    CLAIM_USERNAME,
+                    &[(&user_id, Type::INT8), (&username, Type::TEXT)],
+                )
+                .await?;
             let mut claim = UsernameClaim::default();
             for row in rows {
                 match row.try_get::<_, UserId>(0)? {
@@ -392,7 +402,7 @@ impl Repository {
         let mut client = self.pool.get().await.map_err(RepoError::from)?;
         let tx = client.transaction().await.map_err(RepoError::from)?;
         if let Some(actor) = actor {
-            tx.execute(SET_ACTOR, &[&actor.to_string()])
+            tx.execute_typed(SET_ACTOR, &[(&actor.to_string(), Type::TEXT)])
                 .await
                 .map_err(RepoError::from)?;
         }
@@ -435,7 +445,9 @@ impl Repository {
     /// The last `limit` audit rows, newest first.
     pub async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>, RepoError> {
         let client = self.pool.get().await?;
-        let rows = client.query(RECENT_AUDIT, &[&limit]).await?;
+        let rows = client
+            .query_typed(RECENT_AUDIT, &[(&limit, Type::INT8)])
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(AuditEntry {
@@ -467,7 +479,7 @@ pub async fn lock_user(
     tx: &impl GenericClient,
     user_id: UserId,
 ) -> Result<Option<UserRow>, RepoError> {
-    tx.query_opt(LOCK_USER, &[&user_id])
+    tx.query_typed_opt(LOCK_USER, &[(&user_id, Type::INT8)])
         .await?
         .as_ref()
         .map(UserRow::from_row)
@@ -481,7 +493,10 @@ pub async fn update_role(
     role: Role,
 ) -> Result<UserRow, RepoError> {
     let row = tx
-        .query_one(UPDATE_ROLE, &[&user_id, &role.as_str()])
+        .query_typed_one(
+            UPDATE_ROLE,
+            &[(&user_id, Type::INT8), (&role.as_str(), Type::TEXT)],
+        )
         .await?;
     UserRow::from_row(&row)
 }

@@ -404,3 +404,46 @@ async fn dedicated_sessions_through_pgbouncer_are_refused_naming_the_direct_url(
         .await
         .expect("a direct session is a session");
 }
+
+#[tokio::test]
+async fn the_repository_works_through_pgbouncer_under_concurrency() {
+    // Eight tasks on a pool of four through PgBouncer: with named statements (prepare_cached)
+    // most calls fail with 26000 "prepared statement ... does not exist".
+    let db = TestDb::new().await;
+    let repo = rolecache::db::Repository::new(db::pool(&stock().config(&db), 4));
+    let mut tasks = Vec::new();
+    for t in 0..8i64 {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for i in 0..25i64 {
+                let id = t * 1000 + i;
+                if let Err(e) = repo.register(id, Some("pgb")).await {
+                    errors.push(format!("register: {e:?}"));
+                }
+                if let Err(e) = repo.update_username(id, Some("pgb2")).await {
+                    errors.push(format!("update_username: {e:?}"));
+                }
+                if let Err(e) = repo.user(id).await {
+                    errors.push(format!("user: {e:?}"));
+                }
+                if let Err(e) = repo.set_role(Some(1), id, rolecache::Role::Admin).await {
+                    errors.push(format!("set_role: {e:?}"));
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await.unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(repo.recent_audit(1000).await.unwrap().len(), 400);
+    assert!(!repo.holders_of("PGB2").await.unwrap().is_empty());
+}
