@@ -340,6 +340,14 @@ pub enum CacheEvent {
     Disconnected { error: String },
 }
 
+/// What a notification said about a row: a hint, never applied as such.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowHint {
+    pub op: RowOp,
+    /// The state the payload announced, if it announced one.
+    pub state: Option<RoleState>,
+}
+
 /// Taken before a load queries the database; decides whether its result may be cached.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadTicket {
@@ -601,33 +609,71 @@ impl RoleCache {
     }
 
     /// Applies the state of one row as the listener re-read it from `users` in `epoch` (the
-    /// epoch read before the re-read query started): `change.state.role` is `None` when the
-    /// row was not found, which removes the key. Publishes [`CacheEvent::Changed`] when applied.
-    pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+    /// epoch read before the re-read query started): `found` is `None` when there is no such row,
+    /// which removes the key. `hint` is what the notification said happened; an insert or delete
+    /// means the row may have been replaced by one whose version is lower than the old row's (an
+    /// INSERT draws its version before it waits on the unique key), so the key is removed before
+    /// the re-read row is stored. A forged hint costs at most that removal. Publishes
+    /// [`CacheEvent::Changed`] when the cache changed, or when it already held exactly the state
+    /// the notification announced (the bot's own write, stored first).
+    pub async fn apply_reread(
+        &self,
+        user_id: UserId,
+        found: Option<RoleState>,
+        hint: RowHint,
+        epoch: Epoch,
+        lag: Duration,
+    ) -> WriteOutcome {
         // Before the write: a load whose ticket predates this bump and that finds the key
         // absent afterwards is dropped (rule 4 of [`rule::decide`]).
         self.inner.changes_seen.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot {
-            state: change.state,
-            epoch,
-        };
-        let outcome = self.write(change.user_id, slot, Writer::Reread).await;
-        if outcome == WriteOutcome::Applied {
+        let absent = RoleState::deleted(0);
+        if found.is_some() && matches!(hint.op, RowOp::Insert | RowOp::Delete) {
+            let remove = Slot {
+                state: absent,
+                epoch,
+            };
+            self.write(user_id, remove, Writer::Reread).await;
+        }
+        let state = found.unwrap_or(absent);
+        let slot = Slot { state, epoch };
+        let outcome = self.write(user_id, slot, Writer::Reread).await;
+        let announced = hint.state == Some(state)
+            && outcome == WriteOutcome::Stale
+            && self.peek(user_id).await == Some(state);
+        if outcome == WriteOutcome::Applied || announced {
             let counters = &self.inner.counters;
             counters.events_applied.fetch_add(1, Ordering::Relaxed);
             counters.last_lag_us.store(
                 lag.as_micros().min(i64::MAX as u128) as i64,
                 Ordering::Relaxed,
             );
+            let op = match (found, hint.op) {
+                (None, _) => RowOp::Delete,
+                (Some(_), RowOp::Delete) => RowOp::Insert,
+                (Some(_), op) => op,
+            };
             self.publish(CacheEvent::Changed {
-                user_id: change.user_id,
-                op: change.op,
-                role: change.state.role,
-                version: change.state.version,
+                user_id,
+                op,
+                role: state.role,
+                version: state.version,
                 lag,
             });
         }
         outcome
+    }
+
+    /// Applies one row change as the truth (tests and benchmarks that drive the cache without
+    /// a database): like [`RoleCache::apply_reread`] of `change.state`.
+    pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+        let found = change.state.role.is_some().then_some(change.state);
+        let hint = RowHint {
+            op: RowOp::Update,
+            state: Some(change.state),
+        };
+        self.apply_reread(change.user_id, found, hint, epoch, lag)
+            .await
     }
 
     /// The single write path (invariant 1): [`rule::decide`] under moka's per-key lock.
@@ -676,6 +722,14 @@ impl RoleCache {
         self.inner.counters.resyncs[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.publish(CacheEvent::Resync { reason });
         epoch
+    }
+
+    /// Flushes every cached role into a new epoch without reporting a resync: the listener's
+    /// first sync, when nothing was served from the cache yet but the bot may have cached its
+    /// own writes.
+    pub fn flush_quietly(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.entries.invalidate_all();
     }
 
     /// Starts serving cached roles (called by the listener once LISTEN is in place, the

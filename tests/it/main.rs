@@ -16,3 +16,4 @@ mod security;
 mod timeouts;
 mod torture;
 mod watch_cli;
+mod wire;
