@@ -883,6 +883,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_insert_or_delete_hint_replaces_a_higher_version_with_the_reread_row() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        let ticket = cache.begin_load();
+        cache
+            .store_load(1, RoleState::present(Role::Admin, 9), ticket)
+            .await;
+        let reread = RoleState::present(Role::User, 7);
+        // A plain update hint never lowers the version...
+        let update = RowHint {
+            op: RowOp::Update,
+            state: Some(reread),
+        };
+        assert_eq!(
+            cache
+                .apply_reread(1, Some(reread), update, e, Duration::ZERO)
+                .await,
+            WriteOutcome::Stale
+        );
+        // ...but a row that was deleted and inserted again is a new row.
+        let insert = RowHint {
+            op: RowOp::Insert,
+            state: None,
+        };
+        assert_eq!(
+            cache
+                .apply_reread(1, Some(reread), insert, e, Duration::ZERO)
+                .await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(cache.get(1).await, Some(reread));
+    }
+
+    #[tokio::test]
+    async fn a_reread_of_the_state_the_cache_holds_is_announced_only_if_the_payload_named_it() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        let state = RoleState::present(Role::Admin, 4);
+        let ticket = cache.begin_load();
+        // The bot's own committed write lands first.
+        cache.store_load(1, state, ticket).await;
+        let mut events = cache.subscribe();
+        let named = RowHint {
+            op: RowOp::Update,
+            state: Some(state),
+        };
+        let other = RowHint {
+            op: RowOp::Update,
+            state: Some(RoleState::present(Role::Owner, 99)),
+        };
+        cache
+            .apply_reread(1, Some(state), other, e, Duration::ZERO)
+            .await;
+        assert!(events.try_recv().is_err(), "announced a state nobody named");
+        cache
+            .apply_reread(1, Some(state), named, e, Duration::ZERO)
+            .await;
+        assert!(matches!(
+            events.try_recv(),
+            Ok(CacheEvent::Changed {
+                user_id: 1,
+                role: Some(Role::Admin),
+                version: 4,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
     async fn load_that_spans_a_resync_is_never_served() {
         let cache = synced_cache();
         let ticket = cache.begin_load();

@@ -52,7 +52,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Statement};
 
 use crate::cache::{ResyncReason, RoleCache, RowHint};
 use crate::role::{Role, RoleState, UserId};
@@ -75,7 +75,7 @@ const RESYNC_COUNT: &str = "SELECT count(*) FROM role_resyncs";
 const MAX_DRAIN: usize = 1024;
 
 /// Most ids in one re-read query.
-const MAX_REREAD_IDS: usize = 10_000;
+const MAX_REREAD_IDS: usize = 2_000;
 
 /// Turns `idle_session_timeout` off for the listener's own session, where the server has it.
 const NO_IDLE_SESSION_TIMEOUT: &str = "SELECT set_config(name, '0', false) FROM pg_settings
@@ -378,6 +378,7 @@ impl Listener {
             next_trigger_check: Instant::now(),
             first,
             resyncs_seen: 0,
+            reread: None,
         };
         if let Err(e) = self.check_triggers(&client, &mut session).await {
             return e;
@@ -501,12 +502,35 @@ impl Listener {
         if hints.rows.is_empty() {
             return Ok(());
         }
+        let statement = match &session.reread {
+            Some(statement) => statement.clone(),
+            None => {
+                let io_timeout = self.config.io_timeout;
+                let statement = match tokio::time::timeout(io_timeout, client.prepare(REREAD)).await
+                {
+                    Ok(Ok(statement)) => statement,
+                    Ok(Err(e)) => return Err(ListenerError::Reread(e)),
+                    Err(_) => return Err(ListenerError::Timeout(io_timeout)),
+                };
+                session.reread = Some(statement.clone());
+                statement
+            }
+        };
         let lag = lag_between(hints.ts_us, SystemTime::now());
         let rows: Vec<(UserId, RowHint)> = hints.rows.into_iter().collect();
-        for chunk in rows.chunks(MAX_REREAD_IDS) {
-            // Read before the query: a resync while it runs makes these rows an older epoch's.
-            let epoch = self.cache.epoch();
-            let found = self.reread(client, chunk).await?;
+        // Read before the queries: a resync while they run makes these rows an older epoch's.
+        let epoch = self.cache.epoch();
+        let started = Instant::now();
+        // The chunks' queries are pipelined on the one session: the server runs them in order,
+        // each on a snapshot taken when it starts, while the results of earlier ones are applied.
+        let mut reads: futures_util::stream::FuturesOrdered<_> = rows
+            .chunks(MAX_REREAD_IDS)
+            .map(|chunk| self.reread(client, &statement, chunk))
+            .collect();
+        let mut chunks = rows.chunks(MAX_REREAD_IDS);
+        while let Some(found) = reads.next().await {
+            let found = found?;
+            let Some(chunk) = chunks.next() else { break };
             for (user_id, hint) in chunk {
                 let state = found.get(user_id).copied();
                 self.cache
@@ -514,6 +538,11 @@ impl Listener {
                     .await;
             }
         }
+        tracing::debug!(
+            rows = rows.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "re-read and applied"
+        );
         Ok(())
     }
 
@@ -522,11 +551,12 @@ impl Listener {
     async fn reread(
         &self,
         client: &Client,
+        statement: &Statement,
         chunk: &[(UserId, RowHint)],
     ) -> Result<HashMap<UserId, RoleState>, ListenerError> {
         let ids: Vec<UserId> = chunk.iter().map(|(id, _)| *id).collect();
         let io_timeout = self.config.io_timeout;
-        let rows = match tokio::time::timeout(io_timeout, client.query(REREAD, &[&ids])).await {
+        let rows = match tokio::time::timeout(io_timeout, client.query(statement, &[&ids])).await {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => return Err(ListenerError::Reread(e)),
             Err(_) => return Err(ListenerError::Timeout(io_timeout)),
@@ -654,6 +684,8 @@ struct Session {
     first: bool,
     /// Rows of `role_resyncs` when the listener last looked.
     resyncs_seen: i64,
+    /// [`REREAD`], prepared once per session (on first use: the table may not exist yet).
+    reread: Option<Statement>,
 }
 
 /// What one drain of notifications named: rows to re-read, and whether a flush may be due.
