@@ -113,3 +113,30 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Upgrades: roles that could read users (the listener now counts role_resyncs) or write audit
+-- rows (the triggers, running as the writer, now also record bulk statements) get the same on
+-- role_resyncs, so an instance running as a least-privileged role keeps working.
+DO $$
+DECLARE
+    grantee text;
+    target  text;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT g.grantee FROM information_schema.role_table_grants g
+        WHERE g.table_schema = current_schema() AND g.table_name = 'users'
+          AND g.privilege_type = 'SELECT' AND g.grantee <> current_user
+    LOOP
+        target := CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END;
+        EXECUTE format('GRANT SELECT ON role_resyncs TO %s', target);
+    END LOOP;
+    FOR grantee IN
+        SELECT DISTINCT c.grantee FROM information_schema.column_privileges c
+        WHERE c.table_schema = current_schema() AND c.table_name = 'role_audit'
+          AND c.column_name = 'op' AND c.privilege_type = 'INSERT' AND c.grantee <> current_user
+    LOOP
+        target := CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END;
+        EXECUTE format('GRANT INSERT (reason, rows) ON role_resyncs TO %s', target);
+    END LOOP;
+END
+$$;

@@ -17,13 +17,13 @@ const PUBLISH_FUNCTION: &str = "rolecache_publish(rolecache_change[])";
 /// Per trigger: its name, enabled flag and oid, the `xmin` of its `pg_trigger` row (a DISABLE
 /// and ENABLE, even in one transaction, leave flag and oid as they were but rewrite the row) and
 /// its function's oid and `xmin` (`CREATE OR REPLACE FUNCTION` rewrites that row). Per table:
-/// the oid, the publish function's `xmin` and whether `role_resyncs` exists.
+/// the oid, the publish function's `xmin` and whether `role_resyncs` can be read (NULL: missing).
 const TRIGGER_STATE: &str =
     "SELECT c.oid::bigint, t.tgname::text, t.tgenabled::text, t.oid::bigint,
             t.xmin::text::bigint, p.oid::bigint, p.xmin::text::bigint,
             (SELECT pub.xmin::text::bigint FROM pg_proc pub
               WHERE pub.oid = to_regprocedure($1)),
-            to_regclass('role_resyncs') IS NOT NULL
+            has_table_privilege(to_regclass('role_resyncs')::oid, 'SELECT')
      FROM pg_class c
      LEFT JOIN pg_trigger t ON t.tgrelid = c.oid AND NOT t.tgisinternal
      LEFT JOIN pg_proc p ON p.oid = t.tgfoid
@@ -58,8 +58,13 @@ pub async fn check(client: &Client) -> Result<TriggerCheck, tokio_postgres::Erro
             "function {PUBLISH_FUNCTION} is missing (run `rolecache migrate`)"
         ));
     }
-    if !first.try_get::<_, bool>(8)? {
-        problems.push("table role_resyncs is missing (run `rolecache migrate`)".to_string());
+    match first.try_get::<_, Option<bool>>(8)? {
+        None => problems.push("table role_resyncs is missing (run `rolecache migrate`)".into()),
+        Some(false) => problems.push(
+            "this role cannot read role_resyncs (GRANT SELECT ON role_resyncs TO it; see docs/least-privilege.sql)"
+                .into(),
+        ),
+        Some(true) => {}
     }
     for name in REQUIRED_TRIGGERS {
         let row = rows

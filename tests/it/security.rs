@@ -213,3 +213,100 @@ async fn least_privileged_bot_role_runs_the_instance_but_cannot_switch_the_cache
         .await
         .unwrap();
 }
+
+/// FNV-1a of a migration's text, as the migration ledger records it.
+fn ledger_checksum(sql: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sql.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// A database at schema version 2 with the bot role of the previous least-privilege.sql: after
+/// `migrate`, an instance running as that role syncs and verifies markers (it may count
+/// role_resyncs), and the role's bulk statements record their flush.
+#[tokio::test]
+async fn upgrading_keeps_a_least_privileged_bot_role_working() {
+    use rolecache::db::migrate::MIGRATIONS;
+    let db = TestDb::empty().await;
+    let admin = db.admin().await;
+    drop_leftover_roles(&admin).await;
+    let owner = db.client().await;
+    owner
+        .batch_execute(
+            "CREATE TABLE rolecache_migrations (
+                 version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    for migration in &MIGRATIONS[..2] {
+        owner.batch_execute(migration.sql).await.unwrap();
+        owner
+            .execute(
+                "INSERT INTO rolecache_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                &[
+                    &migration.version,
+                    &migration.name,
+                    &ledger_checksum(migration.sql),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    owner
+        .batch_execute("INSERT INTO users (user_id, role) VALUES (1, 'user'), (2, 'user')")
+        .await
+        .unwrap();
+    let bot = format!("{}_bot", db.name());
+    let previous: String = least_privilege_sql(&bot, db.name())
+        .lines()
+        .filter(|line| !line.contains("role_resyncs"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    owner.batch_execute(&previous).await.unwrap();
+
+    assert_eq!(
+        rolecache::instance::migrate(&db.config()).await.unwrap(),
+        vec![3]
+    );
+    let config = as_role(&db, &bot);
+    let instance = Instance::start(&config, &fast_options(), RoleCache::new(1000))
+        .await
+        .expect("instance starts as the bot role");
+    assert!(instance.wait_synced(Duration::from_secs(10)).await);
+    assert_eq!(
+        instance.lookup(1).await.unwrap().state.role,
+        Some(Role::User)
+    );
+    // A bulk statement by the bot role records its flush, and the instance verifies it.
+    connect(&config)
+        .await
+        .batch_execute(
+            "SET rolecache.bulk_threshold = 1; UPDATE users SET role = 'banned' WHERE user_id <= 2",
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "bulk flush verified", || async {
+        instance
+            .cache
+            .stats()
+            .resyncs_for(rolecache::cache::ResyncReason::Bulk)
+            == 1
+    })
+    .await;
+    assert_eq!(
+        instance.lookup(1).await.unwrap().state.role,
+        Some(Role::Banned)
+    );
+    assert!(instance.listener.state().is_synced());
+    instance.shutdown().await;
+    drop(owner);
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{bot}\""))
+        .await
+        .unwrap();
+}
