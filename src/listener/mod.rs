@@ -517,7 +517,7 @@ impl Listener {
             }
         };
         let lag = lag_between(hints.ts_us, SystemTime::now());
-        let rows: Vec<(UserId, RowHint)> = hints.rows.into_iter().collect();
+        let rows = hints.rows;
         // Read before the queries: a resync while they run makes these rows an older epoch's.
         let epoch = self.cache.epoch();
         let started = Instant::now();
@@ -528,7 +528,13 @@ impl Listener {
             .map(|chunk| self.reread(client, &statement, chunk))
             .collect();
         let mut chunks = rows.chunks(MAX_REREAD_IDS);
-        while let Some(found) = reads.next().await {
+        let mut waited = Duration::ZERO;
+        loop {
+            let wait = Instant::now();
+            let Some(found) = reads.next().await else {
+                break;
+            };
+            waited += wait.elapsed();
             let found = found?;
             let Some(chunk) = chunks.next() else { break };
             for (user_id, hint) in chunk {
@@ -541,6 +547,7 @@ impl Listener {
         tracing::debug!(
             rows = rows.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
+            waited_us = waited.as_micros() as u64,
             "re-read and applied"
         );
         Ok(())
@@ -691,7 +698,10 @@ struct Session {
 /// What one drain of notifications named: rows to re-read, and whether a flush may be due.
 #[derive(Default)]
 struct Hints {
-    rows: HashMap<UserId, RowHint>,
+    /// In the order first named (the order the statement changed them: the cache is updated
+    /// in the same order, which keeps its memory accesses close).
+    rows: Vec<(UserId, RowHint)>,
+    index: HashMap<UserId, usize>,
     marker: Option<ResyncReason>,
     malformed: u32,
     ts_us: i64,
@@ -705,9 +715,9 @@ impl Hints {
             op: change.op,
             state: change.state.role.is_some().then_some(change.state),
         };
-        self.rows
-            .entry(change.user_id)
-            .and_modify(|hint| {
+        match self.index.get(&change.user_id) {
+            Some(&at) => {
+                let hint = &mut self.rows[at].1;
                 let replaced = matches!(hint.op, RowOp::Insert | RowOp::Delete);
                 *hint = RowHint {
                     op: if replaced && change.op == RowOp::Update {
@@ -717,8 +727,18 @@ impl Hints {
                     },
                     state: announced.state,
                 };
-            })
-            .or_insert(announced);
+            }
+            None => {
+                self.index.insert(change.user_id, self.rows.len());
+                self.rows.push((change.user_id, announced));
+            }
+        }
+    }
+
+    /// The hint for `user_id`, if it was named.
+    #[cfg(test)]
+    fn hint(&self, user_id: UserId) -> RowHint {
+        self.rows[self.index[&user_id]].1
     }
 }
 
@@ -966,14 +986,14 @@ mod tests {
         hints.add(&change(RowOp::Update, 2, Some(Role::Banned), 4));
         assert_eq!(hints.rows.len(), 2);
         assert_eq!(
-            hints.rows[&1],
+            hints.hint(1),
             RowHint {
                 op: RowOp::Delete,
                 state: Some(RoleState::present(Role::Admin, 7))
             }
         );
         assert_eq!(
-            hints.rows[&2],
+            hints.hint(2),
             RowHint {
                 op: RowOp::Update,
                 state: Some(RoleState::present(Role::Banned, 4))
@@ -981,7 +1001,7 @@ mod tests {
         );
         hints.add(&change(RowOp::Delete, 2, None, 4));
         assert_eq!(
-            hints.rows[&2],
+            hints.hint(2),
             RowHint {
                 op: RowOp::Delete,
                 state: None
