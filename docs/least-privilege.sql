@@ -12,8 +12,11 @@
 
 CREATE ROLE :"bot_role" LOGIN;
 
--- Anyone who can connect can send NOTIFY role_changes with any payload, and every instance
--- trusts it: only the bot (and the DBAs, who connect as roles of their own) may connect.
+-- Anyone who can connect can send NOTIFY role_changes and LISTEN to it. Instances treat a
+-- notification only as a hint to re-read rows (a forged one changes no role), but anyone who can
+-- LISTEN sees every role change as it happens, and forged notifications still cost reads: only
+-- the bot (and the DBAs, who connect as roles of their own) may connect. No temporary objects:
+-- the trigger functions ignore them, but nothing needs them.
 REVOKE CONNECT, TEMPORARY ON DATABASE :"bot_database" FROM PUBLIC;
 GRANT CONNECT ON DATABASE :"bot_database" TO :"bot_role";
 
@@ -24,6 +27,8 @@ GRANT USAGE ON SCHEMA public TO :"bot_role";
 -- Lookups, /audit, and the migration check at start (which only reads the ledger once every
 -- migration is applied).
 GRANT SELECT ON users, role_audit, rolecache_migrations TO :"bot_role";
+-- The listener counts the flushes the triggers recorded, to verify truncate and bulk markers.
+GRANT SELECT ON role_resyncs TO :"bot_role";
 -- Registration on first contact and username updates; role changes by /promote and /demote.
 -- Not role_version (the trigger sets it), not user_id updates, no DELETE, no TRUNCATE.
 GRANT INSERT (user_id, username) ON users TO :"bot_role";
@@ -34,3 +39,5 @@ GRANT UPDATE (username, role) ON users TO :"bot_role";
 GRANT USAGE ON SEQUENCE role_version_seq TO :"bot_role";
 GRANT INSERT (op, user_id, old_role, new_role, role_version, actor_telegram_id)
     ON role_audit TO :"bot_role";
+-- Likewise the record of a bulk statement (one changing more rows than the bulk threshold).
+GRANT INSERT (reason, rows) ON role_resyncs TO :"bot_role";

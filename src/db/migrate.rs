@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "telegram_update_dedup",
         sql: include_str!("../../sql/0002_telegram_update_dedup.sql"),
     },
+    Migration {
+        version: 3,
+        name: "trust_the_table",
+        sql: include_str!("../../sql/0003_trust_the_table.sql"),
+    },
 ];
 
 /// Key of the advisory lock that serializes migration runners ("rolecach" in ASCII).

@@ -1,25 +1,40 @@
-//! The listener: one dedicated PostgreSQL session that LISTENs on `role_changes` and applies
-//! every notification to the [`RoleCache`].
+//! The listener: one dedicated PostgreSQL session that LISTENs on `role_changes` and keeps the
+//! [`RoleCache`] in step with the `users` table.
 //!
 //! # Contract
 //!
-//! * Reconnect order (DESIGN invariant 4): connect → `LISTEN` → verify triggers → flush the cache
-//!   into a new epoch → mark it synced. Anything committed after `LISTEN` arrives as a
-//!   notification; anything before is re-read on the next miss.
+//! * **Notifications are hints; the table is the truth.** Anyone who can connect can NOTIFY any
+//!   channel and anyone can LISTEN (so a signed payload could be replayed). A row payload only
+//!   names user ids: the listener drains what is queued, coalesces the ids, and re-reads those
+//!   rows in one query on its own session (serialized there, so each read reflects a later
+//!   committed state than the one before). Found rows go through the write rule; ids not found
+//!   are removed from the cache. A forged payload costs a re-read, never a changed role.
+//! * **Markers are verified.** A `truncate` or `resync` payload, or one that does not parse,
+//!   flushes the cache only if the number of rows in `role_resyncs` (written by the statement
+//!   triggers in the statement's own transaction) changed since the listener last looked: one
+//!   count per drain, never a flush of its own.
+//! * Reconnect order (DESIGN invariant 4): connect → `LISTEN` → verify triggers → read the
+//!   `role_resyncs` baseline → flush the cache into a new epoch (the first session too: the bot
+//!   may have cached its own writes before it) → mark it synced. Anything committed after
+//!   `LISTEN` arrives as a notification; anything before is re-read on the next miss.
 //! * Notifications sent while the listener is disconnected are lost: PostgreSQL keeps no
 //!   backlog. That is why a reconnect flushes the cache, and why lookups bypass the cache (read
 //!   the database) from the moment the connection is known to be lost until it is synced again.
 //! * The connection is its own `tokio_postgres::connect`, never a pooled one, driven through
 //!   `poll_message` (a connection awaited as a plain future drops notifications). It never opens
 //!   a transaction, and its socket is read continuously into a bounded queue; when the queue is
-//!   full the notification is dropped and the cache resyncs, so a slow consumer never blocks the
-//!   socket nor grows memory, and never holds up the server's notification queue.
+//!   full the notification is dropped and the cache resyncs (once per overflow episode), so a
+//!   slow consumer never blocks the socket nor grows memory, and never holds up the server's
+//!   notification queue.
 //! * A half-open connection looks alive forever, so besides TCP keepalives an end-to-end ping
-//!   (a NOTIFY on a channel of this listener's own, sent from the pool) must come back within
-//!   `ping_timeout`, or the connection is dropped and reopened.
-//! * A payload that does not parse is logged and answered with a resync, never a crash.
-//! * At connect and every `trigger_check_interval` the triggers are checked; while any is missing
-//!   or not `ENABLE ALWAYS`, the cache stays unsynced and lookups read the database.
+//!   must come back within `ping_timeout`, or the connection is dropped and reopened. The ping
+//!   is a NOTIFY sent on the listener's own session (a busy pool must not look like a dead
+//!   listener), on a channel of its own, carrying a nonce of the session: a late answer to an
+//!   earlier session's ping never answers this session's.
+//! * At connect and every `trigger_check_interval` the triggers are checked (including the
+//!   `xmin` of their catalog rows and functions, so an off/on pair or a replaced function between
+//!   two checks is seen); while any is missing or not `ENABLE ALWAYS`, the cache stays unsynced
+//!   and lookups read the database, and any change is answered with a resync.
 //! * It reconnects forever, with capped exponential backoff and jitter.
 //! * Its session turns `idle_session_timeout` off for itself: it is idle between notifications
 //!   by design, and a server-side idle timeout would end it (and flush the cache) every time.
@@ -27,6 +42,7 @@
 pub mod payload;
 pub mod triggers;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,10 +52,11 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Connection, Notification};
+use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
 
-use crate::cache::{ResyncReason, RoleCache};
-use payload::Payload;
+use crate::cache::{ResyncReason, RoleCache, RowHint};
+use crate::role::{Role, RoleState, UserId};
+use payload::{Payload, RowOp};
 use triggers::TriggerCheck;
 
 /// The channel the triggers notify on.
@@ -47,6 +64,18 @@ pub const CHANNEL: &str = "role_changes";
 
 /// `application_name` of the listener's session (visible in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "rolecache-listener";
+
+/// The rows named by a drain of notifications, read in one query.
+const REREAD: &str = "SELECT user_id, role, role_version FROM users WHERE user_id = ANY($1)";
+
+/// Statements that asked every instance to flush, committed (see sql/0003).
+const RESYNC_COUNT: &str = "SELECT count(*) FROM role_resyncs";
+
+/// Most notifications handled in one drain (one re-read query, one marker check).
+const MAX_DRAIN: usize = 1024;
+
+/// Most ids in one re-read query.
+const MAX_REREAD_IDS: usize = 2_000;
 
 /// Turns `idle_session_timeout` off for the listener's own session, where the server has it.
 const NO_IDLE_SESSION_TIMEOUT: &str = "SELECT set_config(name, '0', false) FROM pg_settings
@@ -139,6 +168,10 @@ pub enum ListenerError {
     PingTimeout(Duration),
     #[error("trigger check failed: {}", pg_detail(.0))]
     Check(#[source] tokio_postgres::Error),
+    #[error("re-reading changed rows failed: {}", pg_detail(.0))]
+    Reread(#[source] tokio_postgres::Error),
+    #[error("sending a ping failed: {}", pg_detail(.0))]
+    Ping(#[source] tokio_postgres::Error),
     #[error("{0}")]
     Session(#[source] crate::db::SessionError),
 }
@@ -209,19 +242,21 @@ impl Drop for ListenerHandle {
 /// The listener task. See the module documentation for its contract.
 pub struct Listener {
     pg: crate::db::DbConfig,
-    pool: deadpool_postgres::Pool,
     cache: RoleCache,
     config: ListenerConfig,
     state: watch::Sender<ListenerState>,
     stats: Arc<ListenerStats>,
     ping_channel: String,
+    /// Ping ids never restart: they count across sessions.
+    ping_ids: AtomicU64,
 }
 
 impl Listener {
-    /// A listener for the database of `pg` (its own session) that sends pings through `pool`.
+    /// A listener for the database of `pg`, on a session of its own. `_pool` is no longer used
+    /// (pings go through the listener's own session); it stays for the callers' sake.
     pub fn new(
         pg: impl Into<crate::db::DbConfig>,
-        pool: deadpool_postgres::Pool,
+        _pool: deadpool_postgres::Pool,
         cache: RoleCache,
         config: ListenerConfig,
     ) -> Self {
@@ -232,7 +267,6 @@ impl Listener {
         let (state, _) = watch::channel(ListenerState::Connecting { attempt: 1 });
         Listener {
             pg,
-            pool,
             cache,
             config,
             state,
@@ -242,6 +276,7 @@ impl Listener {
                 std::process::id(),
                 fastrand::u64(..)
             ),
+            ping_ids: AtomicU64::new(0),
         }
     }
 
@@ -310,7 +345,9 @@ impl Listener {
             };
         let (tx, mut rx) = mpsc::channel(self.config.queue_capacity);
         let overflow = Arc::new(AtomicU64::new(0));
-        let pong = Arc::new(Pong::default());
+        // A nonce per session: a late answer to an earlier session's ping is not an answer.
+        let nonce = fastrand::u64(..);
+        let pong = Arc::new(Pong::new(nonce));
         let driver = AbortOnDrop(tokio::spawn(drive(
             connection,
             tx,
@@ -342,9 +379,11 @@ impl Listener {
         let mut session = Session {
             fingerprint: None,
             seen_overflow: 0,
-            ping: Ping::new(),
+            ping: Ping::new(nonce),
             next_trigger_check: Instant::now(),
             first,
+            resyncs_seen: 0,
+            reread: None,
         };
         if let Err(e) = self.check_triggers(&client, &mut session).await {
             return e;
@@ -356,8 +395,20 @@ impl Listener {
                 item = rx.recv() => match item {
                     Some(item) => {
                         self.note_overflow(&overflow, &mut session);
-                        if item.generation == session.seen_overflow {
-                            self.handle(item).await;
+                        // Drain what is queued: one re-read and at most one marker check for
+                        // all of it. A simulated slow consumer takes one at a time.
+                        let limit = if self.config.slow_consumer.is_some() { 1 } else { MAX_DRAIN };
+                        let mut batch = Vec::with_capacity(rx.len().min(limit) + 1);
+                        batch.push(item);
+                        while batch.len() < limit {
+                            match rx.try_recv() {
+                                Ok(item) => batch.push(item),
+                                Err(_) => break,
+                            }
+                        }
+                        batch.retain(|item| item.generation == session.seen_overflow);
+                        if let Err(e) = self.handle(&client, &mut session, batch).await {
+                            return e;
                         }
                     }
                     None => return driver.finish().await,
@@ -388,42 +439,163 @@ impl Listener {
         }
     }
 
-    async fn handle(&self, item: Received) {
-        let notification = item.notification;
-        if notification.channel() != CHANNEL {
-            return;
-        }
-        self.stats.notifications.fetch_add(1, Ordering::Relaxed);
-        if let Some(delay) = self.config.slow_consumer {
-            tokio::time::sleep(delay).await;
-        }
-        match payload::parse(notification.payload()) {
-            Ok(Payload::Changes { changes, ts_us }) => {
-                let lag = lag_between(ts_us, SystemTime::now());
-                let epoch = self.cache.epoch();
-                for change in &changes {
-                    self.cache.apply(change, epoch, lag).await;
+    /// Handles one drain of notifications: verifies markers against `role_resyncs`, re-reads
+    /// the rows named, and applies what it read.
+    async fn handle(
+        &self,
+        client: &Client,
+        session: &mut Session,
+        batch: Vec<Received>,
+    ) -> Result<(), ListenerError> {
+        let mut hints = Hints::default();
+        for item in &batch {
+            let notification = &item.notification;
+            if notification.channel() != CHANNEL {
+                continue;
+            }
+            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            if let Some(delay) = self.config.slow_consumer {
+                tokio::time::sleep(delay).await;
+            }
+            match payload::parse(notification.payload()) {
+                Ok(Payload::Changes { changes, ts_us }) => {
+                    hints.ts_us = hints.ts_us.max(ts_us);
+                    for change in &changes {
+                        hints.add(change);
+                    }
+                }
+                Ok(Payload::Truncate { .. }) => hints.marker = Some(ResyncReason::Truncate),
+                Ok(Payload::Resync { .. }) => {
+                    hints.marker.get_or_insert(ResyncReason::Bulk);
+                }
+                Err(error) => {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    if hints.malformed == 0 {
+                        let shown: String = notification.payload().chars().take(200).collect();
+                        tracing::warn!(
+                            %error,
+                            payload = %shown,
+                            sender_pid = notification.process_id(),
+                            "malformed notification on {CHANNEL}; checking the database for a resync"
+                        );
+                    }
+                    hints.malformed += 1;
                 }
             }
-            Ok(Payload::Truncate { .. }) => {
-                tracing::info!("users truncated; resyncing");
-                self.cache.resync(ResyncReason::Truncate);
-            }
-            Ok(Payload::Resync { reason, rows, .. }) => {
-                tracing::info!(%reason, rows, "bulk role change; resyncing");
-                self.cache.resync(ResyncReason::Bulk);
-            }
-            Err(error) => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                let shown: String = notification.payload().chars().take(200).collect();
-                tracing::error!(
-                    %error,
-                    payload = %shown,
-                    sender_pid = notification.process_id(),
-                    "malformed notification on {CHANNEL}; resyncing"
+        }
+        if hints.marker.is_some() || hints.malformed > 0 {
+            let count = self.resync_count(client).await?;
+            if count != session.resyncs_seen {
+                session.resyncs_seen = count;
+                let reason = hints.marker.unwrap_or(ResyncReason::Malformed);
+                tracing::info!(
+                    reason = reason.as_str(),
+                    "flush recorded in role_resyncs; resyncing"
                 );
-                self.cache.resync(ResyncReason::Malformed);
+                self.cache.resync(reason);
+                // The flush covers every row named in this drain.
+                return Ok(());
             }
+            if let Some(reason) = hints.marker {
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    "a {} marker with no new row in role_resyncs (forged or replayed); ignored",
+                    reason.as_str()
+                );
+            }
+        }
+        if hints.rows.is_empty() {
+            return Ok(());
+        }
+        let statement = match &session.reread {
+            Some(statement) => statement.clone(),
+            None => {
+                let io_timeout = self.config.io_timeout;
+                let statement = match tokio::time::timeout(io_timeout, client.prepare(REREAD)).await
+                {
+                    Ok(Ok(statement)) => statement,
+                    Ok(Err(e)) => return Err(ListenerError::Reread(e)),
+                    Err(_) => return Err(ListenerError::Timeout(io_timeout)),
+                };
+                session.reread = Some(statement.clone());
+                statement
+            }
+        };
+        let lag = lag_between(hints.ts_us, SystemTime::now());
+        let rows = hints.rows;
+        // Read before the queries: a resync while they run makes these rows an older epoch's.
+        let epoch = self.cache.epoch();
+        let started = Instant::now();
+        // The chunks' queries are pipelined on the one session: the server runs them in order,
+        // each on a snapshot taken when it starts, while the results of earlier ones are applied.
+        let mut reads: futures_util::stream::FuturesOrdered<_> = rows
+            .chunks(MAX_REREAD_IDS)
+            .map(|chunk| self.reread(client, &statement, chunk))
+            .collect();
+        let mut chunks = rows.chunks(MAX_REREAD_IDS);
+        let mut waited = Duration::ZERO;
+        loop {
+            let wait = Instant::now();
+            let Some(found) = reads.next().await else {
+                break;
+            };
+            waited += wait.elapsed();
+            let found = found?;
+            let Some(chunk) = chunks.next() else { break };
+            for (user_id, hint) in chunk {
+                let state = found.get(user_id).copied();
+                self.cache
+                    .apply_reread(*user_id, state, *hint, epoch, lag)
+                    .await;
+            }
+        }
+        tracing::debug!(
+            rows = rows.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            waited_us = waited.as_micros() as u64,
+            "re-read and applied"
+        );
+        Ok(())
+    }
+
+    /// The current rows of `chunk`'s users, on the listener's own session (outside any
+    /// transaction: each query sees everything committed before it started).
+    async fn reread(
+        &self,
+        client: &Client,
+        statement: &Statement,
+        chunk: &[(UserId, RowHint)],
+    ) -> Result<HashMap<UserId, RoleState>, ListenerError> {
+        let ids: Vec<UserId> = chunk.iter().map(|(id, _)| *id).collect();
+        let io_timeout = self.config.io_timeout;
+        let rows = match tokio::time::timeout(io_timeout, client.query(statement, &[&ids])).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => return Err(ListenerError::Reread(e)),
+            Err(_) => return Err(ListenerError::Timeout(io_timeout)),
+        };
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let user_id: UserId = row.try_get(0).map_err(ListenerError::Reread)?;
+            let role: &str = row.try_get(1).map_err(ListenerError::Reread)?;
+            let version = row.try_get(2).map_err(ListenerError::Reread)?;
+            // The table's CHECK allows only the four roles; anything else is not cached.
+            match role.parse::<Role>() {
+                Ok(role) => {
+                    found.insert(user_id, RoleState::present(role, version));
+                }
+                Err(e) => tracing::error!(user_id, error = %e, "unexpected role in users"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// How many flushes the triggers have recorded (committed rows of `role_resyncs`).
+    async fn resync_count(&self, client: &Client) -> Result<i64, ListenerError> {
+        let io_timeout = self.config.io_timeout;
+        match tokio::time::timeout(io_timeout, client.query_one(RESYNC_COUNT, &[])).await {
+            Ok(Ok(row)) => row.try_get(0).map_err(ListenerError::Check),
+            Ok(Err(e)) => Err(ListenerError::Check(e)),
+            Err(_) => Err(ListenerError::Timeout(io_timeout)),
         }
     }
 
@@ -438,23 +610,20 @@ impl Listener {
                 return Err(ListenerError::PingTimeout(self.config.ping_timeout));
             }
         } else if now >= session.ping.next_due {
-            let id = session.ping.send(now, self.config.ping_interval);
-            let pool = self.pool.clone();
-            let channel = self.ping_channel.clone();
-            // Sent from the pool, not from the listener's session, so that the round trip proves
-            // the listener's socket delivers. A failed send shows up as a missed deadline.
-            tokio::spawn(async move {
-                let sent = async {
-                    let client = pool.get().await.map_err(|e| e.to_string())?;
-                    client
-                        .execute("SELECT pg_notify($1, $2)", &[&channel, &id.to_string()])
-                        .await
-                        .map_err(|e| e.to_string())
-                };
-                if let Err(error) = sent.await {
-                    tracing::debug!(%error, "ping could not be sent");
-                }
-            });
+            let id = self.ping_ids.fetch_add(1, Ordering::Relaxed) + 1;
+            let payload = session.ping.send(id, now, self.config.ping_interval);
+            // Sent on the listener's own session, not from the pool: a busy pool must not look
+            // like a dead listener. The server delivers a session's own notifications back to
+            // it through the same queue and socket, so the round trip still proves both.
+            let limit = self.config.ping_timeout.min(self.config.io_timeout);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&self.ping_channel, &payload];
+            let sent = client.execute("SELECT pg_notify($1, $2)", &params);
+            match tokio::time::timeout(limit, sent).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ListenerError::Ping(e)),
+                Err(_) => return Err(ListenerError::PingTimeout(self.config.ping_timeout)),
+            }
         }
         if now >= session.next_trigger_check {
             self.check_triggers(client, session).await?;
@@ -481,14 +650,21 @@ impl Listener {
                     return Ok(());
                 }
                 let reason = match session.fingerprint {
-                    // First check of a session: the reconnect flush (none needed on the very
-                    // first connection, when nothing was ever cached).
+                    // First check of a session: the reconnect flush. The very first session
+                    // flushes too (the bot may have cached its own writes before it), without
+                    // reporting a resync: nothing was served from the cache yet.
                     None if session.first => None,
                     None => Some(ResyncReason::Reconnect),
                     Some(_) => Some(ResyncReason::Triggers),
                 };
-                if let Some(reason) = reason {
-                    self.cache.resync(reason);
+                // The baseline of recorded flushes: after LISTEN, before the flush, so that a
+                // marker committed in between is covered by the flush, and later ones counted.
+                session.resyncs_seen = self.resync_count(client).await?;
+                match reason {
+                    Some(reason) => {
+                        self.cache.resync(reason);
+                    }
+                    None => self.cache.flush_quietly(),
                 }
                 session.fingerprint = Some(fingerprint);
                 self.cache.mark_synced();
@@ -518,18 +694,69 @@ struct Session {
     ping: Ping,
     next_trigger_check: Instant,
     first: bool,
+    /// Rows of `role_resyncs` when the listener last looked.
+    resyncs_seen: i64,
+    /// [`REREAD`], prepared once per session (on first use: the table may not exist yet).
+    reread: Option<Statement>,
+}
+
+/// What one drain of notifications named: rows to re-read, and whether a flush may be due.
+#[derive(Default)]
+struct Hints {
+    /// In the order first named (the order the statement changed them: the cache is updated
+    /// in the same order, which keeps its memory accesses close).
+    rows: Vec<(UserId, RowHint)>,
+    index: HashMap<UserId, usize>,
+    marker: Option<ResyncReason>,
+    malformed: u32,
+    ts_us: i64,
+}
+
+impl Hints {
+    /// Coalesces a row change: the last announced state wins; an insert or delete anywhere in
+    /// the drain is kept (the row may have been replaced).
+    fn add(&mut self, change: &payload::RowChange) {
+        let announced = RowHint {
+            op: change.op,
+            state: change.state.role.is_some().then_some(change.state),
+        };
+        match self.index.get(&change.user_id) {
+            Some(&at) => {
+                let hint = &mut self.rows[at].1;
+                let replaced = matches!(hint.op, RowOp::Insert | RowOp::Delete);
+                *hint = RowHint {
+                    op: if replaced && change.op == RowOp::Update {
+                        hint.op
+                    } else {
+                        change.op
+                    },
+                    state: announced.state,
+                };
+            }
+            None => {
+                self.index.insert(change.user_id, self.rows.len());
+                self.rows.push((change.user_id, announced));
+            }
+        }
+    }
+
+    /// The hint for `user_id`, if it was named.
+    #[cfg(test)]
+    fn hint(&self, user_id: UserId) -> RowHint {
+        self.rows[self.index[&user_id]].1
+    }
 }
 
 struct Ping {
-    next_id: u64,
+    nonce: u64,
     outstanding: Option<(u64, Instant)>,
     next_due: Instant,
 }
 
 impl Ping {
-    fn new() -> Self {
+    fn new(nonce: u64) -> Self {
         Ping {
-            next_id: 0,
+            nonce,
             outstanding: None,
             next_due: Instant::now(),
         }
@@ -539,11 +766,11 @@ impl Ping {
         self.outstanding.map(|(_, sent)| sent)
     }
 
-    fn send(&mut self, now: Instant, interval: Duration) -> u64 {
-        self.next_id += 1;
-        self.outstanding = Some((self.next_id, now));
+    /// Marks ping `id` as sent; returns its payload.
+    fn send(&mut self, id: u64, now: Instant, interval: Duration) -> String {
+        self.outstanding = Some((id, now));
         self.next_due = now + interval;
-        self.next_id
+        pong_payload(self.nonce, id)
     }
 
     /// Clears the outstanding ping once the socket reader has seen its answer.
@@ -564,13 +791,34 @@ impl Ping {
 
 /// The newest ping answer the socket reader has seen, and when. Pings bypass the bounded queue:
 /// a slow consumer or an overflow must not make a live connection look dead.
-#[derive(Default)]
-struct Pong(std::sync::Mutex<Option<(u64, Instant)>>);
+struct Pong {
+    nonce: u64,
+    latest: std::sync::Mutex<Option<(u64, Instant)>>,
+}
+
+/// The payload of a ping: the session's nonce and the ping's id.
+fn pong_payload(nonce: u64, id: u64) -> String {
+    format!("{nonce:016x}:{id}")
+}
 
 impl Pong {
+    fn new(nonce: u64) -> Self {
+        Pong {
+            nonce,
+            latest: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Records an answer, if it is one to a ping of this session.
     fn record(&self, payload: &str) {
-        if let Ok(id) = payload.parse::<u64>() {
-            let mut latest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((nonce, id)) = payload.split_once(':') else {
+            return;
+        };
+        if u64::from_str_radix(nonce, 16) != Ok(self.nonce) {
+            return;
+        }
+        if let Ok(id) = id.parse::<u64>() {
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
             if latest.is_none_or(|(seen, _)| id > seen) {
                 *latest = Some((id, Instant::now()));
             }
@@ -578,7 +826,7 @@ impl Pong {
     }
 
     fn latest(&self) -> Option<(u64, Instant)> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -707,6 +955,63 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_pong_of_an_earlier_session_does_not_answer_this_sessions_ping() {
+        let stats = ListenerStats::default();
+        let (old_nonce, nonce) = (1, 2);
+        let mut ping = Ping::new(nonce);
+        let pong = Pong::new(nonce);
+        let payload = ping.send(7, Instant::now(), Duration::from_secs(5));
+        // A late answer to the old session's ping 1000, and junk.
+        pong.record(&pong_payload(old_nonce, 1000));
+        pong.record("1000");
+        pong.record("zz:1000");
+        ping.check_answer(&pong, &stats);
+        assert!(ping.outstanding_since().is_some(), "answered by a stranger");
+        pong.record(&payload);
+        ping.check_answer(&pong, &stats);
+        assert!(ping.outstanding_since().is_none());
+        assert_eq!(stats.pings.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn hints_coalesce_per_user_and_remember_a_replaced_row() {
+        use crate::role::Role;
+        let change = |op, user_id, role: Option<Role>, version| payload::RowChange {
+            op,
+            user_id,
+            state: RoleState { role, version },
+        };
+        let mut hints = Hints::default();
+        hints.add(&change(RowOp::Delete, 1, None, 5));
+        hints.add(&change(RowOp::Update, 1, Some(Role::Admin), 7));
+        hints.add(&change(RowOp::Update, 2, Some(Role::User), 3));
+        hints.add(&change(RowOp::Update, 2, Some(Role::Banned), 4));
+        assert_eq!(hints.rows.len(), 2);
+        assert_eq!(
+            hints.hint(1),
+            RowHint {
+                op: RowOp::Delete,
+                state: Some(RoleState::present(Role::Admin, 7))
+            }
+        );
+        assert_eq!(
+            hints.hint(2),
+            RowHint {
+                op: RowOp::Update,
+                state: Some(RoleState::present(Role::Banned, 4))
+            }
+        );
+        hints.add(&change(RowOp::Delete, 2, None, 4));
+        assert_eq!(
+            hints.hint(2),
+            RowHint {
+                op: RowOp::Delete,
+                state: None
+            }
+        );
     }
 
     #[test]

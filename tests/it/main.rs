@@ -21,3 +21,4 @@ mod timeouts;
 mod tls;
 mod torture;
 mod watch_cli;
+mod wire;

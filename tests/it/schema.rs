@@ -33,7 +33,7 @@ async fn concurrent_migrators_apply_each_migration_once() {
     let runs =
         futures_util::future::join_all((0..4).map(|_| rolecache::instance::migrate(&config))).await;
     let applied: Vec<i32> = runs.into_iter().flat_map(|r| r.unwrap()).collect();
-    assert_eq!(applied, vec![1, 2]);
+    assert_eq!(applied, vec![1, 2, 3]);
 }
 
 #[tokio::test]
@@ -230,4 +230,20 @@ async fn every_role_change_is_audited_with_its_source() {
     assert_eq!(audit[2].application_name.as_deref(), Some("psql"));
     assert_eq!(audit[1].application_name.as_deref(), Some("rolecache"));
     assert!(audit.iter().all(|a| a.db_user == "postgres"));
+}
+
+#[tokio::test]
+async fn an_update_after_the_sequence_was_set_back_still_raises_the_rows_version() {
+    let db = TestDb::new().await;
+    db.sql("SELECT setval('role_version_seq', 5000); INSERT INTO users (user_id) VALUES (1)")
+        .await;
+    let (_, before) = db.role_in_table(1).await.unwrap();
+    // What a data-only restore's setval does to a database that was ahead of the dump.
+    db.sql(
+        "SELECT setval('role_version_seq', 1); UPDATE users SET role = 'admin' WHERE user_id = 1",
+    )
+    .await;
+    let (role, after) = db.role_in_table(1).await.unwrap();
+    assert_eq!(role, "admin");
+    assert!(after > before, "version went from {before} to {after}");
 }

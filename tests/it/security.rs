@@ -1,7 +1,7 @@
-//! The threat model of SECURITY.md, tested: anyone who can connect can forge a notification,
-//! and `docs/least-privilege.sql` gives the bot a role that runs an instance and the
-//! repository's operations, and can neither switch the cache off nor forge history, while other
-//! roles cannot connect at all.
+//! The threat model of SECURITY.md, tested: a notification forged by anyone who can connect
+//! changes no role, and `docs/least-privilege.sql` gives the bot a role that runs an instance and
+//! the repository's operations, and can neither switch the cache off nor forge history, while
+//! other roles cannot connect at all.
 
 use std::time::Duration;
 
@@ -60,7 +60,7 @@ async fn refused(client: &tokio_postgres::Client, sql: &str) {
 }
 
 #[tokio::test]
-async fn anyone_who_can_connect_can_forge_a_role_until_connect_is_revoked() {
+async fn a_notification_forged_by_anyone_who_can_connect_changes_no_role() {
     let db = TestDb::new().await;
     let admin = db.admin().await;
     drop_leftover_roles(&admin).await;
@@ -85,18 +85,25 @@ async fn anyone_who_can_connect_can_forge_a_role_until_connect_is_revoked() {
         )
         .await
         .unwrap();
-    eventually(Duration::from_secs(5), "forged payload applied", || async {
-        instance.lookup(7).await.unwrap().state.role == Some(Role::Owner)
+    // Barrier: a real change made after the forgery has been applied.
+    db.sql("INSERT INTO users (user_id) VALUES (8)").await;
+    eventually(Duration::from_secs(5), "real change applied", || async {
+        instance.cache.peek(8).await.and_then(|s| s.role) == Some(Role::User)
     })
     .await;
-    // And it sticks: no real version can beat it until the next resync.
+    let seven = instance.lookup(7).await.unwrap();
+    assert_eq!(
+        seven.state.role,
+        Some(Role::User),
+        "the forged role was applied"
+    );
+    // And the next real change is not rejected as older than the forged version.
     db.sql("UPDATE users SET role = 'banned' WHERE user_id = 7")
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        instance.lookup(7).await.unwrap().state.role,
-        Some(Role::Owner)
-    );
+    eventually(Duration::from_secs(5), "real ban applied", || async {
+        instance.cache.peek(7).await.and_then(|s| s.role) == Some(Role::Banned)
+    })
+    .await;
     drop(forger);
     instance.shutdown().await;
 
@@ -187,6 +194,9 @@ async fn least_privileged_bot_role_runs_the_instance_but_cannot_switch_the_cache
         "INSERT INTO role_audit (op, user_id, db_user) VALUES ('update', 1, 'postgres')",
         "UPDATE role_audit SET new_role = 'user'",
         "DELETE FROM role_audit",
+        "INSERT INTO role_resyncs (reason, db_user) VALUES ('bulk', 'postgres')",
+        "UPDATE role_resyncs SET reason = 'bulk'",
+        "DELETE FROM role_resyncs",
         "SET session_replication_role = replica",
         "CREATE TABLE users_copy (user_id bigint)",
         "CREATE TEMPORARY TABLE scratch (user_id bigint)",
@@ -197,6 +207,103 @@ async fn least_privileged_bot_role_runs_the_instance_but_cannot_switch_the_cache
 
     instance.shutdown().await;
     drop(client);
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{bot}\""))
+        .await
+        .unwrap();
+}
+
+/// FNV-1a of a migration's text, as the migration ledger records it.
+fn ledger_checksum(sql: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sql.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// A database at schema version 2 with the bot role of the previous least-privilege.sql: after
+/// `migrate`, an instance running as that role syncs and verifies markers (it may count
+/// role_resyncs), and the role's bulk statements record their flush.
+#[tokio::test]
+async fn upgrading_keeps_a_least_privileged_bot_role_working() {
+    use rolecache::db::migrate::MIGRATIONS;
+    let db = TestDb::empty().await;
+    let admin = db.admin().await;
+    drop_leftover_roles(&admin).await;
+    let owner = db.client().await;
+    owner
+        .batch_execute(
+            "CREATE TABLE rolecache_migrations (
+                 version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    for migration in &MIGRATIONS[..2] {
+        owner.batch_execute(migration.sql).await.unwrap();
+        owner
+            .execute(
+                "INSERT INTO rolecache_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                &[
+                    &migration.version,
+                    &migration.name,
+                    &ledger_checksum(migration.sql),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    owner
+        .batch_execute("INSERT INTO users (user_id, role) VALUES (1, 'user'), (2, 'user')")
+        .await
+        .unwrap();
+    let bot = format!("{}_bot", db.name());
+    let previous: String = least_privilege_sql(&bot, db.name())
+        .lines()
+        .filter(|line| !line.contains("role_resyncs"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    owner.batch_execute(&previous).await.unwrap();
+
+    assert_eq!(
+        rolecache::instance::migrate(&db.config()).await.unwrap(),
+        vec![3]
+    );
+    let config = as_role(&db, &bot);
+    let instance = Instance::start(&config, &fast_options(), RoleCache::new(1000))
+        .await
+        .expect("instance starts as the bot role");
+    assert!(instance.wait_synced(Duration::from_secs(10)).await);
+    assert_eq!(
+        instance.lookup(1).await.unwrap().state.role,
+        Some(Role::User)
+    );
+    // A bulk statement by the bot role records its flush, and the instance verifies it.
+    connect(&config)
+        .await
+        .batch_execute(
+            "SET rolecache.bulk_threshold = 1; UPDATE users SET role = 'banned' WHERE user_id <= 2",
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "bulk flush verified", || async {
+        instance
+            .cache
+            .stats()
+            .resyncs_for(rolecache::cache::ResyncReason::Bulk)
+            == 1
+    })
+    .await;
+    assert_eq!(
+        instance.lookup(1).await.unwrap().state.role,
+        Some(Role::Banned)
+    );
+    assert!(instance.listener.state().is_synced());
+    instance.shutdown().await;
+    drop(owner);
     drop(db);
     admin
         .batch_execute(&format!("DROP ROLE \"{bot}\""))
