@@ -166,7 +166,7 @@ async fn a_row_cached_before_the_first_sync_is_flushed_by_it() {
     // Committed before the listener exists: no notification will ever reach it.
     db.sql("UPDATE users SET role = 'banned' WHERE user_id = 1")
         .await;
-    let listener = Listener::new(&db.config(), pool, cache.clone(), options.listener).spawn();
+    let listener = Listener::new(db.config(), pool, cache.clone(), options.listener).spawn();
     assert!(listener.wait_for(SOON, |s| s.is_synced()).await);
     let found = cache.lookup(1, || repo.role_of(1)).await.unwrap();
     assert_eq!(found.state.role, Some(Role::Banned));
