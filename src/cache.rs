@@ -2,14 +2,18 @@
 //!
 //! # The one write rule
 //!
-//! Every write — a notification applied by the listener or a row loaded after a miss — goes
-//! through [`RoleCache::write`], a compare-and-set under moka's per-key `and_compute_with` lock.
-//! A write wins only if its `(epoch, version, tombstone)` is greater than the stored one:
+//! Every write — a row the listener re-read from `users`, or a row loaded after a miss (or
+//! committed by the bot itself) — goes through [`rule::decide`], run under moka's per-key
+//! `and_compute_with` lock:
 //!
-//! * a lower version never replaces a higher one, so a slow load cannot undo a notification;
-//! * a deletion is stored as a tombstone carrying the deleted row's version and orders after the
-//!   live row of that version, so a slow load of the old row cannot resurrect it;
-//! * a value from an older epoch never replaces one from a newer epoch.
+//! * a write from an older epoch is never applied;
+//! * a re-read that found no row removes the key (no tombstone: a deleted row's version can
+//!   exceed that of a row re-inserted after it, since an INSERT draws its version before it waits
+//!   on the unique key);
+//! * within an epoch, a lower `(version, tombstone)` never replaces a higher one, so a slow load
+//!   cannot undo a newer re-read;
+//! * a load into an absent key is dropped if a re-read was applied while it ran: the key may
+//!   have been removed or evicted after it, and the load may hold the older row.
 //!
 //! # Epochs
 //!
@@ -28,25 +32,243 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::ops::compute::{CompResult, Op};
+use moka::ops::compute::Op;
 use tokio::sync::broadcast;
 
 use crate::listener::payload::{RowChange, RowOp};
 use crate::role::{Role, RoleState, RoleVersion, UserId};
+use rule::{Decision, Writer};
 
-/// A cache generation; bumped by every resync.
-pub type Epoch = u64;
+pub use rule::{Epoch, Slot};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Slot {
-    state: RoleState,
-    epoch: Epoch,
-}
+/// The write rule as one pure function: what a write does to a slot, given the cache's epoch
+/// and counter. [`RoleCache`] runs it under moka's per-key lock; a model checker can run it on
+/// its own.
+pub mod rule {
+    use crate::role::RoleVersion;
 
-impl Slot {
-    /// The order of the write rule: epoch, then version, then a tombstone after a live row.
-    fn order(&self) -> (Epoch, RoleVersion, bool) {
-        (self.epoch, self.state.version, self.state.role.is_none())
+    use super::WriteOutcome;
+
+    /// A cache generation; bumped by every resync.
+    pub type Epoch = u64;
+
+    /// What the cache stores for one user: a row's state and the epoch it was read in.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Slot {
+        pub state: crate::role::RoleState,
+        pub epoch: Epoch,
+    }
+
+    impl Slot {
+        /// The order within an epoch: version, then a tombstone after a live row.
+        fn order(&self) -> (RoleVersion, bool) {
+            (self.state.version, self.state.role.is_none())
+        }
+    }
+
+    /// Who writes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Writer {
+        /// The listener's re-read of `users`: the newest committed state.
+        /// `state.role == None` means the row is absent (→ Remove).
+        Reread,
+        /// A load after a miss, or the bot's own committed write; `changes_seen` was read
+        /// (with the epoch) before its query started.
+        Load { changes_seen: u64 },
+    }
+
+    /// What to do with the slot.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Decision {
+        /// Store `new`.
+        Put,
+        /// Remove the key (a re-read found no row).
+        Remove,
+        /// Leave the slot as it is, for the reason given.
+        Keep(WriteOutcome),
+    }
+
+    /// The write rule. `current_epoch`: the cache's epoch now; `existing`: the slot stored now
+    /// (if any); `new.epoch`: the epoch read before the writer's query started;
+    /// `changes_seen_now`: the cache's counter of re-reads applied, now.
+    ///
+    /// In order:
+    /// 1. a write from an older epoch is never applied (a flush happened while it ran);
+    /// 2. a re-read that found no row removes the key: the row is gone now. Not a tombstone:
+    ///    a tombstone would have to carry a version, and the deleted row's version can exceed
+    ///    that of a row re-inserted later (an INSERT draws its version before it waits on the
+    ///    unique key), so it would outrank the live row;
+    /// 3. within an epoch, a lower (version, tombstone) never replaces a higher one, and an
+    ///    equal one changes nothing;
+    /// 4. a load into an absent key (or a slot of an older epoch) is dropped if re-reads were
+    ///    applied since its ticket: the key may have been removed or evicted after one of them,
+    ///    and the load may have read the row before that change.
+    pub fn decide(
+        current_epoch: Epoch,
+        existing: Option<Slot>,
+        new: Slot,
+        writer: Writer,
+        changes_seen_now: u64,
+    ) -> Decision {
+        // An epoch ahead of the cache's cannot be drawn; treat it like an old one: never apply.
+        if new.epoch != current_epoch {
+            return Decision::Keep(WriteOutcome::OldEpoch);
+        }
+        if writer == Writer::Reread && new.state.role.is_none() {
+            return Decision::Remove;
+        }
+        match existing {
+            Some(old) if old.epoch > new.epoch => Decision::Keep(WriteOutcome::OldEpoch),
+            Some(old) if old.epoch == new.epoch => {
+                if old.order() >= new.order() {
+                    Decision::Keep(WriteOutcome::Stale)
+                } else {
+                    Decision::Put
+                }
+            }
+            _ => match writer {
+                Writer::Load { changes_seen } if changes_seen != changes_seen_now => {
+                    Decision::Keep(WriteOutcome::Dropped)
+                }
+                _ => Decision::Put,
+            },
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::role::{Role, RoleState};
+
+        const EPOCHS: [Epoch; 3] = [0, 1, 2];
+        const VERSIONS: [RoleVersion; 3] = [0, 1, 2];
+        const ROLES: [Option<Role>; 3] = [None, Some(Role::User), Some(Role::Admin)];
+
+        fn slots() -> Vec<Slot> {
+            let mut out = Vec::new();
+            for epoch in EPOCHS {
+                for version in VERSIONS {
+                    for role in ROLES {
+                        out.push(Slot {
+                            state: RoleState { role, version },
+                            epoch,
+                        });
+                    }
+                }
+            }
+            out
+        }
+
+        fn writers() -> [Writer; 3] {
+            [
+                Writer::Reread,
+                Writer::Load { changes_seen: 0 },
+                Writer::Load { changes_seen: 1 },
+            ]
+        }
+
+        /// The rule restated case by case, as the brief words it, to check `decide` against.
+        fn oracle(
+            now: Epoch,
+            existing: Option<Slot>,
+            new: Slot,
+            writer: Writer,
+            seen_now: u64,
+        ) -> Decision {
+            let is_reread = matches!(writer, Writer::Reread);
+            let moved = match writer {
+                Writer::Load { changes_seen } => changes_seen != seen_now,
+                Writer::Reread => false,
+            };
+            let key = |s: &Slot| (s.state.version, s.state.role.is_none());
+            if new.epoch != now {
+                Decision::Keep(WriteOutcome::OldEpoch)
+            } else if is_reread && new.state.role.is_none() {
+                Decision::Remove
+            } else if existing.is_some_and(|old| old.epoch > new.epoch) {
+                Decision::Keep(WriteOutcome::OldEpoch)
+            } else if existing.is_some_and(|old| old.epoch == new.epoch) {
+                let old = existing.unwrap();
+                if key(&new) > key(&old) {
+                    Decision::Put
+                } else {
+                    Decision::Keep(WriteOutcome::Stale)
+                }
+            } else if moved {
+                Decision::Keep(WriteOutcome::Dropped)
+            } else {
+                Decision::Put
+            }
+        }
+
+        /// Every combination on a small domain: 3 epochs × (1 + 27) existing × 27 new × 3
+        /// writers × 2 counters.
+        #[test]
+        fn decide_matches_the_rule_on_every_small_case() {
+            let mut cases = 0;
+            for now in EPOCHS {
+                let existing: Vec<Option<Slot>> = std::iter::once(None)
+                    .chain(slots().into_iter().map(Some))
+                    .collect();
+                for old in &existing {
+                    for new in slots() {
+                        for writer in writers() {
+                            for seen_now in [0, 1] {
+                                let got = decide(now, *old, new, writer, seen_now);
+                                let want = oracle(now, *old, new, writer, seen_now);
+                                assert_eq!(
+                                    got, want,
+                                    "now={now} existing={old:?} new={new:?} {writer:?} seen={seen_now}"
+                                );
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(cases, 3 * 28 * 27 * 3 * 2);
+        }
+
+        /// The safety properties the rule exists for, checked directly on every small case.
+        #[test]
+        fn decide_never_lowers_never_applies_old_epochs_never_fills_after_changes() {
+            for now in EPOCHS {
+                for old in std::iter::once(None).chain(slots().into_iter().map(Some)) {
+                    for new in slots() {
+                        for writer in writers() {
+                            for seen_now in [0, 1] {
+                                let d = decide(now, old, new, writer, seen_now);
+                                if new.epoch != now {
+                                    assert_eq!(d, Decision::Keep(WriteOutcome::OldEpoch));
+                                }
+                                if d == Decision::Remove {
+                                    assert_eq!(writer, Writer::Reread);
+                                    assert_eq!(new.state.role, None);
+                                }
+                                if writer == Writer::Reread && new.state.role.is_none() {
+                                    assert_ne!(d, Decision::Put, "an absent row is never stored");
+                                }
+                                if d != Decision::Put {
+                                    continue;
+                                }
+                                if let Some(old) = old.filter(|o| o.epoch == new.epoch) {
+                                    assert!(
+                                        (new.state.version, new.state.role.is_none())
+                                            > (old.state.version, old.state.role.is_none()),
+                                        "{old:?} replaced by lower {new:?}"
+                                    );
+                                }
+                                if let Writer::Load { changes_seen } = writer {
+                                    if old.map_or(true, |o| o.epoch < new.epoch) {
+                                        assert_eq!(changes_seen, seen_now);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -256,7 +478,7 @@ struct Inner {
     entries: moka::future::Cache<UserId, Slot>,
     epoch: AtomicU64,
     synced: AtomicBool,
-    /// Row changes applied from notifications, ever; see [`WriteOutcome::Dropped`].
+    /// Re-read rows applied by the listener, ever; see [`WriteOutcome::Dropped`].
     changes_seen: AtomicU64,
     counters: Counters,
     events: broadcast::Sender<CacheEvent>,
@@ -372,18 +594,24 @@ impl RoleCache {
             state,
             epoch: ticket.epoch,
         };
-        self.write(user_id, slot, Some(ticket.changes_seen)).await
+        let writer = Writer::Load {
+            changes_seen: ticket.changes_seen,
+        };
+        self.write(user_id, slot, writer).await
     }
 
-    /// Applies one row change received in `epoch` (the epoch current when its notification was
-    /// read off the socket). Publishes [`CacheEvent::Changed`] when applied.
+    /// Applies the state of one row as the listener re-read it from `users` in `epoch` (the
+    /// epoch read before the re-read query started): `change.state.role` is `None` when the
+    /// row was not found, which removes the key. Publishes [`CacheEvent::Changed`] when applied.
     pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+        // Before the write: a load whose ticket predates this bump and that finds the key
+        // absent afterwards is dropped (rule 4 of [`rule::decide`]).
         self.inner.changes_seen.fetch_add(1, Ordering::AcqRel);
         let slot = Slot {
             state: change.state,
             epoch,
         };
-        let outcome = self.write(change.user_id, slot, None).await;
+        let outcome = self.write(change.user_id, slot, Writer::Reread).await;
         if outcome == WriteOutcome::Applied {
             let counters = &self.inner.counters;
             counters.events_applied.fetch_add(1, Ordering::Relaxed);
@@ -402,64 +630,43 @@ impl RoleCache {
         outcome
     }
 
-    /// The single write path (invariant 1): a compare-and-set under moka's per-key lock.
-    /// `load_changes_seen` is `Some` for loads (see [`WriteOutcome::Dropped`]).
-    async fn write(
-        &self,
-        user_id: UserId,
-        new: Slot,
-        load_changes_seen: Option<u64>,
-    ) -> WriteOutcome {
+    /// The single write path (invariant 1): [`rule::decide`] under moka's per-key lock.
+    async fn write(&self, user_id: UserId, new: Slot, writer: Writer) -> WriteOutcome {
         if new.epoch != self.epoch() {
             return WriteOutcome::OldEpoch;
         }
         let inner = &self.inner;
-        let result = inner
+        let mut outcome = WriteOutcome::Stale;
+        inner
             .entries
             .entry(user_id)
             .and_compute_with(|existing| {
-                let existing = existing.map(|e| e.into_value());
-                let op = match existing {
-                    Some(old) if old.epoch > new.epoch => Op::Nop,
-                    Some(old) if old.epoch == new.epoch => {
-                        if old.order() >= new.order() {
-                            Op::Nop
-                        } else {
-                            Op::Put(new)
-                        }
-                    }
-                    // Absent (or from a flushed epoch): a load may only fill it if no change
-                    // was applied while it ran, since the key may have been evicted after one.
-                    _ if load_changes_seen
-                        .is_some_and(|seen| seen != inner.changes_seen.load(Ordering::Acquire)) =>
-                    {
-                        Op::Nop
-                    }
-                    _ => Op::Put(new),
+                let decision = rule::decide(
+                    inner.epoch.load(Ordering::Acquire),
+                    existing.map(|e| e.into_value()),
+                    new,
+                    writer,
+                    inner.changes_seen.load(Ordering::Acquire),
+                );
+                let op = match decision {
+                    Decision::Put => Op::Put(new),
+                    Decision::Remove => Op::Remove,
+                    Decision::Keep(_) => Op::Nop,
+                };
+                outcome = match decision {
+                    Decision::Put | Decision::Remove => WriteOutcome::Applied,
+                    Decision::Keep(why) => why,
                 };
                 ready(op)
             })
             .await;
-        match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => WriteOutcome::Applied,
-            CompResult::Unchanged(entry) => {
-                let old = entry.into_value();
-                if old.epoch > new.epoch {
-                    WriteOutcome::OldEpoch
-                } else if old.epoch == new.epoch {
-                    inner
-                        .counters
-                        .stale_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    WriteOutcome::Stale
-                } else {
-                    WriteOutcome::Dropped
-                }
-            }
-            CompResult::StillNone(_) => WriteOutcome::Dropped,
-            // Not produced: the closure never returns Op::Remove.
-            CompResult::Removed(_) => WriteOutcome::Applied,
+        if outcome == WriteOutcome::Stale {
+            inner
+                .counters
+                .stale_rejected
+                .fetch_add(1, Ordering::Relaxed);
         }
+        outcome
     }
 
     /// Flushes every cached role and starts a new epoch. Returns the new epoch.
@@ -580,18 +787,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tombstone_beats_live_row_of_same_version() {
+    async fn reread_of_a_missing_row_removes_it_and_drops_a_load_that_began_before() {
         let cache = synced_cache();
         let e = cache.epoch();
-        cache.apply(&change(1, None, 5), e, Duration::ZERO).await;
-        let ticket = cache.begin_load();
+        cache
+            .apply(&change(1, Some(Role::Admin), 5), e, Duration::ZERO)
+            .await;
+        let before = cache.begin_load();
+        assert_eq!(
+            cache.apply(&change(1, None, 5), e, Duration::ZERO).await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(cache.get(1).await, None);
+        // A load that read the row before it was deleted must not bring it back.
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .store_load(1, RoleState::present(Role::Admin, 5), before)
                 .await,
-            WriteOutcome::Stale
+            WriteOutcome::Dropped
         );
-        assert_eq!(cache.get(1).await, Some(RoleState::deleted(5)));
+        assert_eq!(cache.get(1).await, None);
+    }
+
+    #[tokio::test]
+    async fn reinserted_row_with_a_lower_version_than_the_deleted_one_is_served() {
+        // An INSERT draws its version before it waits on the unique key: the deleted row's
+        // last version (9) can exceed the re-inserted row's (7).
+        let cache = synced_cache();
+        let e = cache.epoch();
+        cache
+            .apply(&change(1, Some(Role::Admin), 9), e, Duration::ZERO)
+            .await;
+        cache.apply(&change(1, None, 9), e, Duration::ZERO).await;
+        assert_eq!(
+            cache
+                .apply(&change(1, Some(Role::User), 7), e, Duration::ZERO)
+                .await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(cache.get(1).await, Some(RoleState::present(Role::User, 7)));
     }
 
     #[tokio::test]
