@@ -140,7 +140,7 @@ fn bites(
 }
 
 #[test]
-fn without_the_epoch_check_a_load_from_before_a_reconnect_stays_cached() {
+fn without_the_epoch_check_a_write_begun_before_the_session_stays_cached() {
     bites(&scenarios::UPDATES, Rule::Code, CONVERGES, |s| {
         s.epoch_check = false
     });
@@ -154,7 +154,7 @@ fn without_removal_of_absent_rows_a_deleted_user_stays_cached() {
 }
 
 #[test]
-fn without_the_reconnect_flush_a_load_during_the_outage_stays_cached() {
+fn without_the_session_flush_a_write_begun_before_the_session_stays_cached() {
     bites(&scenarios::UPDATES, Rule::Code, CONVERGES, |s| {
         s.reconnect_flush = false
     });

@@ -172,6 +172,8 @@ pub struct State {
     /// A lookup returned a state older than its floor (property (a) broken).
     pub stale_served: bool,
     pub served_from_cache: bool,
+    /// The queue overflowed at least once (coverage).
+    pub overflowed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -210,6 +212,7 @@ impl Protocol {
             s.queue.push(n);
         } else {
             s.overflow = true;
+            s.overflowed = true;
         }
     }
 
@@ -393,6 +396,7 @@ impl Model for Protocol {
             attacks_left: sc.attacks.len() as u8,
             stale_served: false,
             served_from_cache: false,
+            overflowed: false,
         }]
     }
 
@@ -731,6 +735,15 @@ impl Model for Protocol {
             Property::sometimes(
                 "a lookup is served from the cache",
                 |_: &Protocol, s: &State| s.served_from_cache,
+            ),
+            Property::sometimes(
+                "the queue overflows and the session dies where the scenario allows it",
+                |m: &Protocol, s: &State| {
+                    let sc = m.scenario;
+                    (s.overflowed || sc.queue_capacity > 1)
+                        && (s.failures_left == 0)
+                        && (s.attacks_left == 0)
+                },
             ),
             Property::sometimes(
                 "quiescence is reached with an entry cached",

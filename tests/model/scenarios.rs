@@ -130,8 +130,18 @@ pub static DELETE: Scenario = Scenario {
     code_rule_breaks: &[MONOTONIC],
 };
 
-pub static ALL: [&Scenario; 7] = [
+/// The same with two lookups in flight at once: a slow load can race a newer one.
+pub static DELETE_RACING_LOADS: Scenario = Scenario {
+    name: "delete_racing_loads",
+    concurrent_lookups: 2,
+    failures: 0,
+    code_rule_breaks: &[MONOTONIC, CONVERGES],
+    ..DELETE
+};
+
+pub static ALL: [&Scenario; 8] = [
     &DELETE,
+    &DELETE_RACING_LOADS,
     &UPDATES,
     &DELETE_REINSERT,
     &USER_ID_CHANGE,
