@@ -45,6 +45,9 @@ pub type Script = &'static [&'static [Stmt]];
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Notification {
     pub ids: u8,
+    /// Ids the payload announces as inserted or deleted (a `user_id` change is both): the row
+    /// may have been replaced by one with a lower version.
+    pub replaced: u8,
     pub marker: bool,
     pub states: Vec<(Key, Option<Row>, u16)>,
 }
@@ -64,6 +67,7 @@ pub struct Txn {
     /// The transaction's own writes: `Some(None)` is a deletion.
     pub overlay: [Option<Option<Row>>; KEYS],
     pub changed: u8,
+    pub replaced: u8,
     pub marker: bool,
 }
 
@@ -74,6 +78,7 @@ impl Txn {
             waiting: Waiting::No,
             overlay: [None; KEYS],
             changed: 0,
+            replaced: 0,
             marker: false,
         }
     }
@@ -175,8 +180,12 @@ impl Db {
             (Stmt::MoveId(a, _), Waiting::No) if self.visible(w, a).is_some() => a,
             (Stmt::MoveId(_, b), Waiting::Drawn(_)) => b,
             (Stmt::Insert(k, _), Waiting::Drawn(_)) => k,
-            (Stmt::Truncate | Stmt::Bulk(_), _) => {
-                return (0..KEYS).find(|&k| self.held_by_other(w, k));
+            // TRUNCATE's ACCESS EXCLUSIVE lock waits for every other writer of the table.
+            (Stmt::Truncate, _) => return (0..KEYS).find(|&k| self.held_by_other(w, k)),
+            // An UPDATE of every row waits on the rows it sees that others hold.
+            (Stmt::Bulk(_), _) => {
+                return (0..KEYS)
+                    .find(|&k| self.visible(w, k).is_some() && self.held_by_other(w, k));
             }
             _ => return None,
         };
@@ -207,6 +216,7 @@ impl Db {
             (Stmt::Delete(k), _) => {
                 if self.visible(w, k).is_some() {
                     self.write(w, k, None);
+                    self.writers[w].txn.replaced |= 1 << k;
                 }
             }
             (Stmt::Insert(_, _), Waiting::No) => {
@@ -220,6 +230,7 @@ impl Db {
                     return StepResult::Ran;
                 }
                 self.write(w, k, Some(Row { role, version }));
+                self.writers[w].txn.replaced |= 1 << k;
             }
             (Stmt::MoveId(a, _), Waiting::No) => {
                 if self.visible(w, a).is_some() {
@@ -238,6 +249,8 @@ impl Db {
                 let role = self.visible(w, a).map(|r| r.role).unwrap_or(Role::User);
                 self.write(w, a, None);
                 self.write(w, b, Some(Row { role, version }));
+                // The triggers announce the old id as deleted and the new one as inserted.
+                self.writers[w].txn.replaced |= (1 << a) | (1 << b);
             }
             (Stmt::Truncate, _) => {
                 for k in 0..KEYS {
@@ -309,6 +322,7 @@ impl Db {
         let ids = if txn.marker { 0 } else { txn.changed };
         (ids != 0 || txn.marker).then_some(Notification {
             ids,
+            replaced: ids & txn.replaced,
             marker: txn.marker,
             states,
         })

@@ -111,7 +111,12 @@ fn the_invalidating_rule_keeps_every_property_in_every_scenario() {
         for property in &broken {
             counterexample(model(scenario, Safeguards::ALL, Rule::Invalidate), property);
         }
-        checker.assert_properties();
+        if scenario.lookups == 0 {
+            // Re-reads only invalidate: without lookups nothing is ever cached.
+            assert!(broken.is_empty(), "{}: {broken:?}", scenario.name);
+        } else {
+            checker.assert_properties();
+        }
     }
 }
 
@@ -158,6 +163,16 @@ fn without_the_session_flush_a_write_begun_before_the_session_stays_cached() {
     bites(&scenarios::UPDATES, Rule::Code, CONVERGES, |s| {
         s.reconnect_flush = false
     });
+}
+
+#[test]
+fn without_the_replace_hint_a_reinserted_user_keeps_the_old_role() {
+    bites(
+        &scenarios::REINSERT_LISTENER_ONLY,
+        Rule::Code,
+        CONVERGES,
+        |s| s.replace_hint = false,
+    );
 }
 
 #[test]

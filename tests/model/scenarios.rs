@@ -51,6 +51,14 @@ pub static DELETE_REINSERT: Scenario = Scenario {
     code_rule_breaks: &[MONOTONIC, CONVERGES],
 };
 
+/// The same race with no lookups: only the listener writes the cache.
+pub static REINSERT_LISTENER_ONLY: Scenario = Scenario {
+    name: "reinsert_listener_only",
+    lookups: 0,
+    code_rule_breaks: &[],
+    ..DELETE_REINSERT
+};
+
 /// A change of `user_id` (0 → 1) against an insert of user 1.
 pub static USER_ID_CHANGE: Scenario = Scenario {
     name: "user_id_change",
@@ -139,11 +147,12 @@ pub static DELETE_RACING_LOADS: Scenario = Scenario {
     ..DELETE
 };
 
-pub static ALL: [&Scenario; 8] = [
+pub static ALL: [&Scenario; 9] = [
     &DELETE,
     &DELETE_RACING_LOADS,
     &UPDATES,
     &DELETE_REINSERT,
+    &REINSERT_LISTENER_ONLY,
     &USER_ID_CHANGE,
     &TRUNCATE,
     &BULK,
