@@ -17,6 +17,7 @@
 mod db;
 mod proposed;
 mod protocol;
+mod replay;
 mod scenarios;
 
 use std::collections::{BTreeMap, BTreeSet};
