@@ -3,11 +3,11 @@
 //! cache (every write decided by the code's own rule, eviction at any step), lookups whose
 //! miss-loads interleave anywhere, the bot's own write path, and an attacker's notifications.
 
+use rolecache::cache::rule::{decide, Decision, Slot, Writer};
 use rolecache::role::{Role, RoleState};
 use stateright::{Model, Property};
 
 use crate::db::{Db, Key, Notification, Row, Script, StepResult, KEYS};
-use rolecache::cache::rule::{decide, Decision, Slot, Writer};
 
 /// Property (a): no lookup returns a state older than the newest one the instance had applied
 /// to the cache or returned (to a lookup, or the bot's own write) before that lookup began.
@@ -135,6 +135,7 @@ pub struct Reapply {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Reread {
+    /// The epoch the rows are applied in: read just before the query (set again there).
     pub epoch: u64,
     pub stage: RereadStage,
 }
