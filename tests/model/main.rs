@@ -1,0 +1,224 @@
+//! A model of the whole protocol — database, listener, cache, lookups, the bot's own writes and
+//! an attacker — checked exhaustively (breadth-first) with stateright. Every write the model's
+//! cache takes is decided by the code's own rule (`rolecache::cache::rule::decide`), so a change
+//! to that rule changes what is checked here.
+//!
+//! # Layout
+//!
+//! * `db`: the `users` table, its sequence, row locks and unique-key waits, scripted writers,
+//!   commits and the notifications they send;
+//! * `protocol`: the instance (listener, cache, lookups, the bot's write, an attacker), the
+//!   properties, and the safeguards the `*_bites` tests turn off one at a time;
+//! * `scenarios`: tables and writers' scripts, each explored exhaustively;
+//! * `proposed`: a write rule derived from the counterexamples, checked the same way.
+//!
+//! Run with `--nocapture` to see the states explored and every counterexample's trace.
+
+mod db;
+mod proposed;
+mod protocol;
+mod replay;
+mod scenarios;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use stateright::{Checker, HasDiscoveries, Model, Path};
+
+use protocol::{
+    Action, Protocol, Rule, Safeguards, Scenario, State, CONVERGES, MONOTONIC, NO_FORGERY,
+};
+
+fn model(scenario: &'static Scenario, safeguards: Safeguards, rule: Rule) -> Protocol {
+    Protocol {
+        scenario,
+        safeguards,
+        rule,
+    }
+}
+
+/// Explores every state of `model` (breadth-first, one thread: the machine has two cores and
+/// the test binaries run side by side). Returns the properties broken and the checker.
+fn explore(model: Protocol) -> (BTreeSet<&'static str>, impl Checker<Protocol>) {
+    let name = model.scenario.name;
+    let started = Instant::now();
+    let checker = model.checker().threads(1).spawn_bfs().join();
+    println!(
+        "{name}: {} states ({} unique), depth {}, {:.1?}",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        started.elapsed()
+    );
+    let broken = [MONOTONIC, CONVERGES, NO_FORGERY]
+        .into_iter()
+        .filter(|p| checker.discovery(p).is_some())
+        .collect();
+    (broken, checker)
+}
+
+/// The first counterexample to `property` breadth-first (a shortest one), printed; `None` if the
+/// model keeps it.
+fn counterexample(model: Protocol, property: &'static str) -> Option<Path<State, Action>> {
+    let checker = model
+        .checker()
+        .threads(1)
+        .finish_when(HasDiscoveries::AnyOf([property].into()))
+        .spawn_bfs()
+        .join();
+    let path = checker.discovery(property)?;
+    print_trace(property, &path);
+    Some(path)
+}
+
+#[test]
+fn the_code_rule_breaks_exactly_the_known_properties() {
+    let mut got = BTreeMap::new();
+    let mut want = BTreeMap::new();
+    for scenario in scenarios::ALL {
+        let (broken, _) = explore(model(scenario, Safeguards::ALL, Rule::Code));
+        for property in &broken {
+            counterexample(model(scenario, Safeguards::ALL, Rule::Code), property);
+        }
+        got.insert(scenario.name, broken);
+        want.insert(
+            scenario.name,
+            scenario.code_rule_breaks.iter().copied().collect(),
+        );
+    }
+    assert_eq!(
+        got, want,
+        "the code's rule now breaks other properties than scenarios.rs records"
+    );
+}
+
+#[test]
+fn the_minimal_fix_keeps_convergence_and_forgery_in_every_scenario() {
+    for scenario in scenarios::ALL {
+        let (broken, _) = explore(model(scenario, Safeguards::ALL, Rule::Minimal));
+        for property in [CONVERGES, NO_FORGERY] {
+            if broken.contains(property) {
+                counterexample(model(scenario, Safeguards::ALL, Rule::Minimal), property);
+                panic!("{}: {property} broken", scenario.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_invalidating_rule_keeps_every_property_in_every_scenario() {
+    for scenario in scenarios::ALL {
+        let (broken, checker) = explore(model(scenario, Safeguards::ALL, Rule::Invalidate));
+        for property in &broken {
+            counterexample(model(scenario, Safeguards::ALL, Rule::Invalidate), property);
+        }
+        if scenario.lookups == 0 {
+            // Re-reads only invalidate: without lookups nothing is ever cached.
+            assert!(broken.is_empty(), "{}: {broken:?}", scenario.name);
+        } else {
+            checker.assert_properties();
+        }
+    }
+}
+
+/// Checks that `scenario` keeps `property` with every safeguard, and breaks it without the one
+/// `remove` takes away.
+fn bites(
+    scenario: &'static Scenario,
+    rule: Rule,
+    property: &'static str,
+    remove: fn(&mut Safeguards),
+) {
+    let (broken, _) = explore(model(scenario, Safeguards::ALL, rule));
+    assert!(
+        !broken.contains(property),
+        "{}: broken even with every safeguard",
+        scenario.name
+    );
+    let mut without = Safeguards::ALL;
+    remove(&mut without);
+    let found = counterexample(model(scenario, without, rule), property);
+    assert!(
+        found.is_some(),
+        "{}: still kept without the safeguard",
+        scenario.name
+    );
+}
+
+#[test]
+fn without_the_epoch_check_a_write_begun_before_the_session_stays_cached() {
+    bites(&scenarios::UPDATES, Rule::Code, CONVERGES, |s| {
+        s.epoch_check = false
+    });
+}
+
+#[test]
+fn without_removal_of_absent_rows_a_deleted_user_stays_cached() {
+    bites(&scenarios::DELETE, Rule::Code, CONVERGES, |s| {
+        s.removal = false
+    });
+}
+
+#[test]
+fn without_the_session_flush_a_write_begun_before_the_session_stays_cached() {
+    bites(&scenarios::UPDATES, Rule::Code, CONVERGES, |s| {
+        s.reconnect_flush = false
+    });
+}
+
+#[test]
+fn without_the_replace_hint_a_reinserted_user_keeps_the_old_role() {
+    bites(
+        &scenarios::REINSERT_LISTENER_ONLY,
+        Rule::Code,
+        CONVERGES,
+        |s| s.replace_hint = false,
+    );
+}
+
+#[test]
+fn trusting_payloads_lets_an_attacker_cache_a_role() {
+    bites(&scenarios::ATTACKER, Rule::Code, NO_FORGERY, |s| {
+        s.reread = false
+    });
+}
+
+/// Prints a counterexample one step a line: the action, then the table and the cache after it.
+fn print_trace(property: &str, path: &Path<State, Action>) {
+    fn row(r: Option<db::Row>) -> String {
+        r.map_or("-".into(), |r| format!("{} v{}", r.role, r.version))
+    }
+    println!("counterexample to {property}:");
+    let steps = path.clone().into_vec();
+    for (i, pair) in steps.windows(2).enumerate() {
+        let (Some(action), after) = (&pair[0].1, &pair[1].0) else {
+            continue;
+        };
+        let table: Vec<String> = after.db.rows.iter().map(|r| row(*r)).collect();
+        let cache: Vec<String> = after
+            .cache
+            .iter()
+            .map(|c| {
+                c.map_or("-".into(), |c| {
+                    let state = match c.role {
+                        Some(role) => row(Some(db::Row {
+                            role,
+                            version: c.version,
+                        })),
+                        None => format!("none v{}", c.version),
+                    };
+                    format!("{state} @e{}", c.epoch)
+                })
+            })
+            .collect();
+        println!(
+            "  {:>2}. {:<20} table [{}]  cache [{}]  epoch {}{}",
+            i + 1,
+            format!("{action:?}"),
+            table.join(", "),
+            cache.join(", "),
+            after.epoch,
+            if after.synced { " synced" } else { "" },
+        );
+    }
+}

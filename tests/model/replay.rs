@@ -1,0 +1,75 @@
+//! The model's two findings replayed on the real [`RoleCache`] (moka, atomics, the write path),
+//! not only on `decide`: each test drives the cache through its counterexample's writes and
+//! pins what the cache ends up serving. They pin today's wrong answer on purpose, like
+//! `code_rule_breaks` in `scenarios.rs`: when the rule is fixed they fail, and the assertion
+//! becomes the table's state (the comment in each says which).
+
+use std::time::Duration;
+
+use rolecache::cache::{ResyncReason, RoleCache, Source, WriteOutcome};
+use rolecache::listener::payload::{RowChange, RowOp};
+use rolecache::role::{Role, RoleState};
+
+fn synced_cache() -> RoleCache {
+    let cache = RoleCache::new(100);
+    cache.resync(ResyncReason::Reconnect);
+    cache.mark_synced();
+    cache
+}
+
+/// `delete_racing_loads`: lookup A reads `admin v1`; the user is deleted and the listener
+/// removes the key; lookup B finds no row and caches the tombstone of version 0; A's slow load
+/// then outranks that tombstone. The table has no such user.
+#[tokio::test]
+async fn finding_slow_load_outranks_a_tombstone_reproduces_on_the_real_cache() {
+    let cache = synced_cache();
+    let slow = cache.begin_load();
+    let deleted = RowChange {
+        op: RowOp::Delete,
+        user_id: 7,
+        state: RoleState::deleted(0),
+    };
+    cache.apply(&deleted, cache.epoch(), Duration::ZERO).await;
+    let b = cache
+        .lookup(7, || async { Ok::<_, ()>(None) })
+        .await
+        .unwrap();
+    assert_eq!((b.source, b.state), (Source::Load, RoleState::deleted(0)));
+
+    let a = cache
+        .store_load(7, RoleState::present(Role::Admin, 1), slow)
+        .await;
+
+    // Fixed, this is `Dropped` and `get` returns the tombstone (or nothing).
+    assert_eq!(a, WriteOutcome::Applied);
+    assert_eq!(cache.get(7).await, Some(RoleState::present(Role::Admin, 1)));
+}
+
+/// `delete_reinsert`: lookup A reads `admin v3`; the row is deleted and re-inserted as
+/// `banned v2` (an INSERT draws its version before it waits); the listener stores the re-read
+/// `banned v2`; A's slow load then outranks it by version.
+#[tokio::test]
+async fn finding_slow_load_outranks_a_reinserted_row_reproduces_on_the_real_cache() {
+    let cache = synced_cache();
+    let slow = cache.begin_load();
+    let reinserted = RowChange {
+        op: RowOp::Insert,
+        user_id: 7,
+        state: RoleState::present(Role::Banned, 2),
+    };
+    cache
+        .apply(&reinserted, cache.epoch(), Duration::ZERO)
+        .await;
+    assert_eq!(
+        cache.get(7).await,
+        Some(RoleState::present(Role::Banned, 2))
+    );
+
+    let a = cache
+        .store_load(7, RoleState::present(Role::Admin, 3), slow)
+        .await;
+
+    // Fixed, this is `Dropped` (or `Stale`) and `get` returns `banned v2`.
+    assert_eq!(a, WriteOutcome::Applied);
+    assert_eq!(cache.get(7).await, Some(RoleState::present(Role::Admin, 3)));
+}
