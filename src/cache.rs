@@ -92,17 +92,23 @@ pub mod rule {
     /// (if any); `new.epoch`: the epoch read before the writer's query started;
     /// `changes_seen_now`: the cache's counter of re-reads applied, now.
     ///
-    /// In order:
-    /// 1. a write from an older epoch is never applied (a flush happened while it ran);
-    /// 2. a re-read that found no row removes the key: the row is gone now. Not a tombstone:
-    ///    a tombstone would have to carry a version, and the deleted row's version can exceed
-    ///    that of a row re-inserted later (an INSERT draws its version before it waits on the
-    ///    unique key), so it would outrank the live row;
-    /// 3. within an epoch, a lower (version, tombstone) never replaces a higher one, and an
-    ///    equal one changes nothing;
-    /// 4. a load into an absent key (or a slot of an older epoch) is dropped if re-reads were
-    ///    applied since its ticket: the key may have been removed or evicted after one of them,
-    ///    and the load may have read the row before that change.
+    /// Versions order the states of one live row, but not one key's states across a delete and
+    /// a re-insert: an INSERT draws its version before it waits on the unique key, so a row
+    /// re-inserted later can carry a lower version than the one deleted before it (the protocol
+    /// model in `tests/model` found both ways this goes wrong when versions are trusted there).
+    /// So the listener's re-reads, which run one after another on one session and each see a
+    /// later committed state than the one before, are not gated by version; loads are gated by
+    /// the re-read counter. In order:
+    /// 1. a write from another epoch is never applied (a flush happened while it ran);
+    /// 2. a re-read that found no row removes the key: the row is gone now (no tombstone: it
+    ///    would need a version to order it, and there is none that orders it right);
+    /// 3. a re-read that found a row stores it, unless the slot already holds exactly that state;
+    /// 4. a load is dropped if any re-read was applied since its ticket, whether or not the key
+    ///    is present: the row may have changed after the load read it, and the re-read (or the
+    ///    next miss) is newer;
+    /// 5. otherwise a load never replaces a slot of the same epoch with a lower or equal
+    ///    (version, tombstone): between two re-reads, two loads of one live row are ordered by
+    ///    its version.
     pub fn decide(
         current_epoch: Epoch,
         existing: Option<Slot>,
@@ -114,24 +120,21 @@ pub mod rule {
         if new.epoch != current_epoch {
             return Decision::Keep(WriteOutcome::OldEpoch);
         }
-        if writer == Writer::Reread && new.state.role.is_none() {
-            return Decision::Remove;
-        }
-        match existing {
-            Some(old) if old.epoch > new.epoch => Decision::Keep(WriteOutcome::OldEpoch),
-            Some(old) if old.epoch == new.epoch => {
-                if old.order() >= new.order() {
-                    Decision::Keep(WriteOutcome::Stale)
-                } else {
-                    Decision::Put
-                }
+        // A slot of an older epoch is never served: the same as an absent key.
+        let current = existing.filter(|old| old.epoch == current_epoch);
+        match writer {
+            Writer::Reread if new.state.role.is_none() => Decision::Remove,
+            Writer::Reread if current.is_some_and(|old| old.state == new.state) => {
+                Decision::Keep(WriteOutcome::Stale)
             }
-            _ => match writer {
-                Writer::Load { changes_seen } if changes_seen != changes_seen_now => {
-                    Decision::Keep(WriteOutcome::Dropped)
-                }
-                _ => Decision::Put,
-            },
+            Writer::Reread => Decision::Put,
+            Writer::Load { changes_seen } if changes_seen != changes_seen_now => {
+                Decision::Keep(WriteOutcome::Dropped)
+            }
+            Writer::Load { .. } if current.is_some_and(|old| old.order() >= new.order()) => {
+                Decision::Keep(WriteOutcome::Stale)
+            }
+            Writer::Load { .. } => Decision::Put,
         }
     }
 
@@ -181,21 +184,23 @@ pub mod rule {
                 Writer::Reread => false,
             };
             let key = |s: &Slot| (s.state.version, s.state.role.is_none());
+            let same_epoch = existing.filter(|old| old.epoch == now);
             if new.epoch != now {
                 Decision::Keep(WriteOutcome::OldEpoch)
             } else if is_reread && new.state.role.is_none() {
                 Decision::Remove
-            } else if existing.is_some_and(|old| old.epoch > new.epoch) {
-                Decision::Keep(WriteOutcome::OldEpoch)
-            } else if existing.is_some_and(|old| old.epoch == new.epoch) {
-                let old = existing.unwrap();
-                if key(&new) > key(&old) {
-                    Decision::Put
-                } else {
+            } else if is_reread {
+                // Not gated by version: the re-read is the newest committed state.
+                if same_epoch.is_some_and(|old| old.state == new.state) {
                     Decision::Keep(WriteOutcome::Stale)
+                } else {
+                    Decision::Put
                 }
             } else if moved {
+                // Present or not: a re-read since the ticket is newer than this load.
                 Decision::Keep(WriteOutcome::Dropped)
+            } else if same_epoch.is_some_and(|old| key(&old) >= key(&new)) {
+                Decision::Keep(WriteOutcome::Stale)
             } else {
                 Decision::Put
             }
@@ -231,7 +236,7 @@ pub mod rule {
 
         /// The safety properties the rule exists for, checked directly on every small case.
         #[test]
-        fn decide_never_lowers_never_applies_old_epochs_never_fills_after_changes() {
+        fn decide_never_applies_old_epochs_nor_loads_older_than_a_reread() {
             for now in EPOCHS {
                 for old in std::iter::once(None).chain(slots().into_iter().map(Some)) {
                     for new in slots() {
@@ -248,20 +253,30 @@ pub mod rule {
                                 if writer == Writer::Reread && new.state.role.is_none() {
                                     assert_ne!(d, Decision::Put, "an absent row is never stored");
                                 }
+                                let holds_it = old.is_some_and(|o| o.epoch == now && o.state == new.state);
+                                if writer == Writer::Reread
+                                    && new.state.role.is_some()
+                                    && new.epoch == now
+                                    && !holds_it
+                                {
+                                    assert_eq!(d, Decision::Put, "a re-read row is the newest");
+                                }
                                 if d != Decision::Put {
                                     continue;
                                 }
+                                let Writer::Load { changes_seen } = writer else {
+                                    continue;
+                                };
+                                assert_eq!(
+                                    changes_seen, seen_now,
+                                    "a load stored after a re-read was applied"
+                                );
                                 if let Some(old) = old.filter(|o| o.epoch == new.epoch) {
                                     assert!(
                                         (new.state.version, new.state.role.is_none())
                                             > (old.state.version, old.state.role.is_none()),
                                         "{old:?} replaced by lower {new:?}"
                                     );
-                                }
-                                if let Writer::Load { changes_seen } = writer {
-                                    if old.map_or(true, |o| o.epoch < new.epoch) {
-                                        assert_eq!(changes_seen, seen_now);
-                                    }
                                 }
                             }
                         }
