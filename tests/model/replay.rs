@@ -1,8 +1,8 @@
 //! The model's two findings replayed on the real [`RoleCache`] (moka, atomics, the write path),
 //! not only on `decide`: each test drives the cache through its counterexample's writes and
-//! pins what the cache ends up serving. They pin today's wrong answer on purpose, like
-//! `code_rule_breaks` in `scenarios.rs`: when the rule is fixed they fail, and the assertion
-//! becomes the table's state (the comment in each says which).
+//! pins what the cache ends up serving: the table's state. Before the rule was fixed (a load
+//! was checked against the re-read counter only when its key was absent, and versions ordered
+//! a key's states across a delete and a re-insert) both served the wrong role.
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ fn synced_cache() -> RoleCache {
 /// removes the key; lookup B finds no row and caches the tombstone of version 0; A's slow load
 /// then outranks that tombstone. The table has no such user.
 #[tokio::test]
-async fn finding_slow_load_outranks_a_tombstone_reproduces_on_the_real_cache() {
+async fn a_slow_load_never_outranks_a_later_deletion_on_the_real_cache() {
     let cache = synced_cache();
     let slow = cache.begin_load();
     let deleted = RowChange {
@@ -40,16 +40,16 @@ async fn finding_slow_load_outranks_a_tombstone_reproduces_on_the_real_cache() {
         .store_load(7, RoleState::present(Role::Admin, 1), slow)
         .await;
 
-    // Fixed, this is `Dropped` and `get` returns the tombstone (or nothing).
-    assert_eq!(a, WriteOutcome::Applied);
-    assert_eq!(cache.get(7).await, Some(RoleState::present(Role::Admin, 1)));
+    // A re-read was applied after A's ticket: A may hold an older row, so it is dropped.
+    assert_eq!(a, WriteOutcome::Dropped);
+    assert_eq!(cache.get(7).await, Some(RoleState::deleted(0)));
 }
 
 /// `delete_reinsert`: lookup A reads `admin v3`; the row is deleted and re-inserted as
 /// `banned v2` (an INSERT draws its version before it waits); the listener stores the re-read
 /// `banned v2`; A's slow load then outranks it by version.
 #[tokio::test]
-async fn finding_slow_load_outranks_a_reinserted_row_reproduces_on_the_real_cache() {
+async fn a_slow_load_never_outranks_a_reinserted_row_on_the_real_cache() {
     let cache = synced_cache();
     let slow = cache.begin_load();
     let reinserted = RowChange {
@@ -69,7 +69,10 @@ async fn finding_slow_load_outranks_a_reinserted_row_reproduces_on_the_real_cach
         .store_load(7, RoleState::present(Role::Admin, 3), slow)
         .await;
 
-    // Fixed, this is `Dropped` (or `Stale`) and `get` returns `banned v2`.
-    assert_eq!(a, WriteOutcome::Applied);
-    assert_eq!(cache.get(7).await, Some(RoleState::present(Role::Admin, 3)));
+    // The re-read of the re-inserted row is newer than A's read, whatever the versions say.
+    assert_eq!(a, WriteOutcome::Dropped);
+    assert_eq!(
+        cache.get(7).await,
+        Some(RoleState::present(Role::Banned, 2))
+    );
 }
