@@ -7,17 +7,21 @@
 //! `and_compute_with` lock:
 //!
 //! * a write from an older epoch is never applied;
-//! * a re-read that found no row removes the key (no tombstone: a deleted row's version can
-//!   exceed that of a row re-inserted after it, since an INSERT draws its version before it waits
-//!   on the unique key);
-//! * within an epoch, a lower `(version, tombstone)` never replaces a higher one, so a slow load
-//!   cannot undo a newer re-read;
-//! * a load into an absent key is dropped if a re-read was applied while it ran: the key may
-//!   have been removed or evicted after it, and the load may hold the older row.
+//! * a re-read that found no row removes the key (no tombstone: no version orders it right);
+//! * a re-read that found a row stores it, whatever its version: re-reads run one after another
+//!   on the listener's session, each newer than the last, while versions do not order one key's
+//!   states across a delete and a re-insert (an INSERT draws its version before it waits on the
+//!   unique key);
+//! * a load is dropped if a re-read was applied while it ran, present key or not: the re-read
+//!   (or the next miss) is newer than what the load read;
+//! * otherwise a load never lowers the version of a slot of the same epoch.
+//!
+//! docs/ARCHITECTURE.md explains the rule, and `tests/model` checks it exhaustively against a
+//! model of the database and the listener.
 //!
 //! # Epochs
 //!
-//! A resync (reconnect, truncate, bulk change, overflow, malformed payload) bumps the epoch and
+//! A resync (reconnect, verified truncate or bulk marker, overflow, trigger change) bumps the epoch and
 //! flushes. moka's `invalidate_all` is lazy and lets later inserts through, so the epoch is also
 //! stored in every slot and checked on every read: a load that began before a flush writes a slot
 //! of the old epoch, which is never served.
@@ -253,7 +257,8 @@ pub mod rule {
                                 if writer == Writer::Reread && new.state.role.is_none() {
                                     assert_ne!(d, Decision::Put, "an absent row is never stored");
                                 }
-                                let holds_it = old.is_some_and(|o| o.epoch == now && o.state == new.state);
+                                let holds_it =
+                                    old.is_some_and(|o| o.epoch == now && o.state == new.state);
                                 if writer == Writer::Reread
                                     && new.state.role.is_some()
                                     && new.epoch == now
@@ -625,10 +630,8 @@ impl RoleCache {
 
     /// Applies the state of one row as the listener re-read it from `users` in `epoch` (the
     /// epoch read before the re-read query started): `found` is `None` when there is no such row,
-    /// which removes the key. `hint` is what the notification said happened; an insert or delete
-    /// means the row may have been replaced by one whose version is lower than the old row's (an
-    /// INSERT draws its version before it waits on the unique key), so the key is removed before
-    /// the re-read row is stored. A forged hint costs at most that removal. Publishes
+    /// which removes the key. `hint` is what the notification said happened: it only names the
+    /// event's op and decides whether a re-read the cache already held is announced. Publishes
     /// [`CacheEvent::Changed`] when the cache changed, or when it already held exactly the state
     /// the notification announced (the bot's own write, stored first).
     pub async fn apply_reread(
@@ -642,15 +645,9 @@ impl RoleCache {
         // Before the write: a load whose ticket predates this bump and that finds the key
         // absent afterwards is dropped (rule 4 of [`rule::decide`]).
         self.inner.changes_seen.fetch_add(1, Ordering::AcqRel);
-        let absent = RoleState::deleted(0);
-        if found.is_some() && matches!(hint.op, RowOp::Insert | RowOp::Delete) {
-            let remove = Slot {
-                state: absent,
-                epoch,
-            };
-            self.write(user_id, remove, Writer::Reread).await;
-        }
-        let state = found.unwrap_or(absent);
+        // Not gated by version (rule 3): a row deleted and inserted again may carry a lower
+        // version than the one cached, and this read is newer than anything cached.
+        let state = found.unwrap_or(RoleState::deleted(0));
         let slot = Slot { state, epoch };
         let outcome = self.write(user_id, slot, Writer::Reread).await;
         let announced = hint.state == Some(state)
@@ -839,20 +836,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lower_version_never_replaces_higher() {
+    async fn a_load_never_lowers_the_version_of_a_slot() {
         let cache = synced_cache();
-        let e = cache.epoch();
-        let lag = Duration::ZERO;
+        let first = cache.begin_load();
+        let second = cache.begin_load();
         assert_eq!(
-            cache.apply(&change(1, Some(Role::Admin), 5), e, lag).await,
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 5), first)
+                .await,
             WriteOutcome::Applied
         );
         assert_eq!(
-            cache.apply(&change(1, Some(Role::User), 4), e, lag).await,
+            cache
+                .store_load(1, RoleState::present(Role::User, 4), second)
+                .await,
             WriteOutcome::Stale
         );
         assert_eq!(cache.get(1).await, Some(RoleState::present(Role::Admin, 5)));
         assert_eq!(cache.stats().stale_rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn a_load_that_began_before_a_reread_is_dropped_even_if_its_key_is_present() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        let slow = cache.begin_load();
+        cache
+            .apply(&change(1, Some(Role::User), 2), e, Duration::ZERO)
+            .await;
+        // The slow load read an older row with a higher version (deleted, then re-inserted).
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 3), slow)
+                .await,
+            WriteOutcome::Dropped
+        );
+        assert_eq!(cache.get(1).await, Some(RoleState::present(Role::User, 2)));
     }
 
     #[tokio::test]
@@ -898,7 +917,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_insert_or_delete_hint_replaces_a_higher_version_with_the_reread_row() {
+    async fn a_reread_row_replaces_a_higher_version_whatever_the_hint_said() {
         let cache = synced_cache();
         let e = cache.epoch();
         let ticket = cache.begin_load();
@@ -906,25 +925,15 @@ mod tests {
             .store_load(1, RoleState::present(Role::Admin, 9), ticket)
             .await;
         let reread = RoleState::present(Role::User, 7);
-        // A plain update hint never lowers the version...
+        // The table is the truth: the row was deleted and inserted again with a lower version,
+        // and even a plain update hint (or a forged one) gets what the table holds now.
         let update = RowHint {
             op: RowOp::Update,
-            state: Some(reread),
+            state: Some(RoleState::present(Role::Owner, 99)),
         };
         assert_eq!(
             cache
                 .apply_reread(1, Some(reread), update, e, Duration::ZERO)
-                .await,
-            WriteOutcome::Stale
-        );
-        // ...but a row that was deleted and inserted again is a new row.
-        let insert = RowHint {
-            op: RowOp::Insert,
-            state: None,
-        };
-        assert_eq!(
-            cache
-                .apply_reread(1, Some(reread), insert, e, Duration::ZERO)
                 .await,
             WriteOutcome::Applied
         );

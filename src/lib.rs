@@ -1,9 +1,9 @@
 //! rolecache: a role cache for Telegram bots that PostgreSQL keeps fresh.
 //!
 //! Triggers on `users` send `NOTIFY role_changes` for every committed role change; a listener
-//! task applies each one to an in-process moka cache; lookups read the cache and load from the
-//! database on a miss. See `README.md` for the contract and `../shared/DESIGN.md` for the
-//! invariants.
+//! task re-reads the rows each notification names and writes them into an in-process moka
+//! cache; lookups read the cache and load from the database on a miss. See `README.md` for the
+//! contract and `docs/ARCHITECTURE.md` for the rules that keep it.
 //!
 //! # Layout
 //!

@@ -209,7 +209,7 @@ impl Metrics {
             malformed: counter(
                 &r,
                 "listener_malformed_total",
-                "Payloads that could not be parsed (each followed by a resync)",
+                "Payloads that could not be parsed (each costs one check of role_resyncs, never a flush by itself)",
             ),
             ping_rtt: float_gauge(
                 &r,

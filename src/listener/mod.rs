@@ -13,7 +13,7 @@
 //!   flushes the cache only if the number of rows in `role_resyncs` (written by the statement
 //!   triggers in the statement's own transaction) changed since the listener last looked: one
 //!   count per drain, never a flush of its own.
-//! * Reconnect order (DESIGN invariant 4): connect → `LISTEN` → verify triggers → read the
+//! * Reconnect order (docs/ARCHITECTURE.md): connect → `LISTEN` → verify triggers → read the
 //!   `role_resyncs` baseline → flush the cache into a new epoch (the first session too: the bot
 //!   may have cached its own writes before it) → mark it synced. Anything committed after
 //!   `LISTEN` arrives as a notification; anything before is re-read on the next miss.

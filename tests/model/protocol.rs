@@ -59,8 +59,10 @@ pub struct Safeguards {
     pub reconnect_flush: bool,
     /// Notifications are hints; what is cached comes from re-reading the table.
     pub reread: bool,
-    /// A row announced as inserted or deleted is removed before its re-read state is stored
-    /// (`RoleCache::apply_reread`): a re-inserted row's version may be lower than the old one's.
+    /// A row announced as inserted or deleted is removed before its re-read state is stored.
+    /// An earlier listener did this because its rule gated re-reads by version; the code's rule
+    /// no longer does (re-reads are the newest state), so the code leaves it out and
+    /// [`Safeguards::ALL`] has it off. Turned on, it must change nothing the checker can see.
     pub replace_hint: bool,
 }
 
@@ -70,7 +72,7 @@ impl Safeguards {
         removal: true,
         reconnect_flush: true,
         reread: true,
-        replace_hint: true,
+        replace_hint: false,
     };
 }
 
@@ -350,7 +352,7 @@ impl Protocol {
 
     fn cached_roles_were_committed(&self, s: &State) -> bool {
         (0..KEYS).all(|k| match s.cache[k] {
-            Some(slot) if self.servable(s, &slot) => slot.role.map_or(true, |role| {
+            Some(slot) if self.servable(s, &slot) => slot.role.is_none_or(|role| {
                 s.db.history.contains(&(
                     k,
                     Row {

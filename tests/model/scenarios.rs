@@ -3,7 +3,7 @@
 use rolecache::role::Role;
 
 use crate::db::{Row, Stmt};
-use crate::protocol::{Attack, Scenario, CONVERGES, MONOTONIC};
+use crate::protocol::{Attack, Scenario, MONOTONIC};
 
 const fn row(role: Role, version: i64) -> Option<Row> {
     Some(Row { role, version })
