@@ -9,6 +9,9 @@
 //! * `getUpdates` honours `offset`, `limit` and `timeout` (a long poll waits until an update
 //!   arrives or the timeout passes). Each token has its own queue and its own bot identity.
 //! * `sendMessage` answers a valid `Message`; `getMe` a full bot `User`; the rest `true`.
+//! * `setWebhook` and `deleteWebhook` set and clear the token's webhook, which `getWebhookInfo`
+//!   reports ([`StubBot::webhook`]); a test can also set one as an operator would have
+//!   ([`StubBot::set_webhook`]).
 //! * It never answers 5xx (teloxide sleeps 10 s after one). Tests can make the next call of a
 //!   method fail with a Telegram error (e.g. 429 with `retry_after`, 403 blocked).
 //! * Like Telegram, one `getUpdates` at a time per token: a second one while another is in
@@ -38,6 +41,8 @@ pub struct Recorded {
     pub body: Value,
     /// Answered with an injected error (see [`StubBot::fail_next`]).
     pub failed: bool,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -96,6 +101,8 @@ struct Stub {
     failures: HashMap<(String, String), VecDeque<(StatusCode, Value)>>,
     /// Requests per (token, method), kept beside `requests` for cheap counting.
     counts: HashMap<(String, String), usize>,
+    /// The webhook URL set per token.
+    webhooks: HashMap<String, String>,
 }
 
 struct Shared {
@@ -400,6 +407,20 @@ impl StubBot<'_> {
             .push_back((status, body));
     }
 
+    /// The webhook URL set for this bot, if any.
+    pub fn webhook(&self) -> Option<String> {
+        self.stub.shared.lock().webhooks.get(&self.token).cloned()
+    }
+
+    /// Sets a webhook for this bot as if an operator had (not recorded as a request).
+    pub fn set_webhook(&self, url: &str) {
+        self.stub
+            .shared
+            .lock()
+            .webhooks
+            .insert(self.token.clone(), url.to_string());
+    }
+
     /// The highest update id the bot has confirmed (via `offset`), i.e. fetched and moved past.
     pub fn confirmed(&self) -> i64 {
         self.stub.shared.lock().queues[&self.token].confirmed
@@ -491,6 +512,7 @@ async fn handle(
             method: method.clone(),
             body: body.clone(),
             failed: failure.is_some(),
+            at: Instant::now(),
         });
         if let Some((status, error)) = failure {
             drop(stub);
@@ -508,7 +530,22 @@ async fn handle(
             "has_main_web_app": false,
         }),
         "getwebhookinfo" => {
-            json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})
+            let url = shared
+                .lock()
+                .webhooks
+                .get(&token)
+                .cloned()
+                .unwrap_or_default();
+            json!({"url": url, "has_custom_certificate": false, "pending_update_count": 0})
+        }
+        "setwebhook" => {
+            let url = body["url"].as_str().unwrap_or_default().to_string();
+            shared.lock().webhooks.insert(token.clone(), url);
+            json!(true)
+        }
+        "deletewebhook" => {
+            shared.lock().webhooks.remove(&token);
+            json!(true)
         }
         "getupdates" => match get_updates(&shared, &token, &body).await {
             Some(updates) => updates,
