@@ -90,6 +90,8 @@ struct Queue {
     next_poll: u64,
     /// Polls terminated by another one (Telegram's 409 Conflict).
     conflicts: u64,
+    /// Polls the client gave up on before they were answered.
+    cancelled: u64,
 }
 
 #[derive(Default)]
@@ -407,6 +409,19 @@ impl StubBot<'_> {
             .push_back((status, body));
     }
 
+    /// `getUpdates` calls the bot gave up on (dropped the request) before they were answered.
+    pub fn cancelled_polls(&self) -> u64 {
+        self.stub.shared.lock().queues[&self.token].cancelled
+    }
+
+    /// Whether a `getUpdates` of this bot is in flight now (a long poll the client has not
+    /// dropped).
+    pub fn polling_now(&self) -> bool {
+        self.stub.shared.lock().queues[&self.token]
+            .active_poll
+            .is_some()
+    }
+
     /// The webhook URL set for this bot, if any.
     pub fn webhook(&self) -> Option<String> {
         self.stub.shared.lock().webhooks.get(&self.token).cloned()
@@ -568,6 +583,7 @@ struct ActivePoll<'a> {
     shared: &'a Shared,
     token: &'a str,
     id: u64,
+    answered: bool,
 }
 
 impl Drop for ActivePoll<'_> {
@@ -576,6 +592,9 @@ impl Drop for ActivePoll<'_> {
         if let Some(queue) = stub.queues.get_mut(self.token) {
             if queue.active_poll == Some(self.id) {
                 queue.active_poll = None;
+            }
+            if !self.answered {
+                queue.cancelled += 1;
             }
         }
     }
@@ -599,7 +618,12 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
     };
     // Wakes the poll this one terminates.
     shared.changed.notify_waiters();
-    let _active = ActivePoll { shared, token, id };
+    let mut active = ActivePoll {
+        shared,
+        token,
+        id,
+        answered: false,
+    };
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -608,6 +632,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
             let mut stub = shared.lock();
             let queue = stub.queues.entry(token.to_string()).or_default();
             if queue.active_poll != Some(id) {
+                active.answered = true;
                 return None;
             }
             queue.polls += 1;
@@ -625,6 +650,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
                 .map(|(_, u)| u.clone())
                 .collect();
             if !ready.is_empty() || Instant::now() >= deadline {
+                active.answered = true;
                 return Some(Value::Array(ready));
             }
         }

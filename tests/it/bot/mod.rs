@@ -155,6 +155,22 @@ impl BotProcess {
         }
     }
 
+    /// Waits until `n` lines of its stderr contain `needle`.
+    pub async fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let found = self.log().iter().filter(|l| l.contains(needle)).count();
+            if found >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{found} log lines with {needle:?} within {limit:?}, want {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether a line of its stderr so far contains `needle`.
     pub fn logged(&self, needle: &str) -> bool {
         self.log().iter().any(|l| l.contains(needle))
