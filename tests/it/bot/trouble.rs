@@ -135,9 +135,17 @@ fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// Makes the test's database refuse connections and ends its sessions, except the polling
-/// leader's lock session: without it the process stops polling at once (a lost lock means
-/// another instance may be polling; see the failover tests), and nothing would be answered.
+/// leader's lock session (without it the process stops polling at once: a lost lock means
+/// another instance may be polling; see the failover tests), and waits until the process has
+/// noticed that its listener is gone.
 async fn cut_off_the_database(world: &World) {
+    const DISCONNECTED: &str = "role listener disconnected";
+    let before = world
+        .process
+        .log()
+        .iter()
+        .filter(|l| l.contains(DISCONNECTED))
+        .count();
     let name = world.db.name();
     world
         .db
@@ -152,6 +160,12 @@ async fn cut_off_the_database(world: &World) {
         ))
         .await
         .unwrap();
+    // Until the process has seen its listener go, its cache still counts as synced and serves
+    // what it holds (e.g. a role a notification just cached): wait for that moment.
+    world
+        .process
+        .wait_log_count(DISCONNECTED, before + 1, Duration::from_secs(10))
+        .await;
 }
 
 async fn restore_the_database(world: &World) {
