@@ -9,6 +9,9 @@
 //! * `getUpdates` honours `offset`, `limit` and `timeout` (a long poll waits until an update
 //!   arrives or the timeout passes). Each token has its own queue and its own bot identity.
 //! * `sendMessage` answers a valid `Message`; `getMe` a full bot `User`; the rest `true`.
+//! * `setWebhook` and `deleteWebhook` set and clear the token's webhook, which `getWebhookInfo`
+//!   reports ([`StubBot::webhook`]); a test can also set one as an operator would have
+//!   ([`StubBot::set_webhook`]).
 //! * It never answers 5xx (teloxide sleeps 10 s after one). Tests can make the next call of a
 //!   method fail with a Telegram error (e.g. 429 with `retry_after`, 403 blocked).
 //! * Like Telegram, one `getUpdates` at a time per token: a second one while another is in
@@ -38,6 +41,8 @@ pub struct Recorded {
     pub body: Value,
     /// Answered with an injected error (see [`StubBot::fail_next`]).
     pub failed: bool,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -85,6 +90,8 @@ struct Queue {
     next_poll: u64,
     /// Polls terminated by another one (Telegram's 409 Conflict).
     conflicts: u64,
+    /// Polls the client gave up on before they were answered.
+    cancelled: u64,
 }
 
 #[derive(Default)]
@@ -96,6 +103,8 @@ struct Stub {
     failures: HashMap<(String, String), VecDeque<(StatusCode, Value)>>,
     /// Requests per (token, method), kept beside `requests` for cheap counting.
     counts: HashMap<(String, String), usize>,
+    /// The webhook URL set per token.
+    webhooks: HashMap<String, String>,
 }
 
 struct Shared {
@@ -400,6 +409,33 @@ impl StubBot<'_> {
             .push_back((status, body));
     }
 
+    /// `getUpdates` calls the bot gave up on (dropped the request) before they were answered.
+    pub fn cancelled_polls(&self) -> u64 {
+        self.stub.shared.lock().queues[&self.token].cancelled
+    }
+
+    /// Whether a `getUpdates` of this bot is in flight now (a long poll the client has not
+    /// dropped).
+    pub fn polling_now(&self) -> bool {
+        self.stub.shared.lock().queues[&self.token]
+            .active_poll
+            .is_some()
+    }
+
+    /// The webhook URL set for this bot, if any.
+    pub fn webhook(&self) -> Option<String> {
+        self.stub.shared.lock().webhooks.get(&self.token).cloned()
+    }
+
+    /// Sets a webhook for this bot as if an operator had (not recorded as a request).
+    pub fn set_webhook(&self, url: &str) {
+        self.stub
+            .shared
+            .lock()
+            .webhooks
+            .insert(self.token.clone(), url.to_string());
+    }
+
     /// The highest update id the bot has confirmed (via `offset`), i.e. fetched and moved past.
     pub fn confirmed(&self) -> i64 {
         self.stub.shared.lock().queues[&self.token].confirmed
@@ -491,6 +527,7 @@ async fn handle(
             method: method.clone(),
             body: body.clone(),
             failed: failure.is_some(),
+            at: Instant::now(),
         });
         if let Some((status, error)) = failure {
             drop(stub);
@@ -508,7 +545,22 @@ async fn handle(
             "has_main_web_app": false,
         }),
         "getwebhookinfo" => {
-            json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})
+            let url = shared
+                .lock()
+                .webhooks
+                .get(&token)
+                .cloned()
+                .unwrap_or_default();
+            json!({"url": url, "has_custom_certificate": false, "pending_update_count": 0})
+        }
+        "setwebhook" => {
+            let url = body["url"].as_str().unwrap_or_default().to_string();
+            shared.lock().webhooks.insert(token.clone(), url);
+            json!(true)
+        }
+        "deletewebhook" => {
+            shared.lock().webhooks.remove(&token);
+            json!(true)
         }
         "getupdates" => match get_updates(&shared, &token, &body).await {
             Some(updates) => updates,
@@ -531,6 +583,7 @@ struct ActivePoll<'a> {
     shared: &'a Shared,
     token: &'a str,
     id: u64,
+    answered: bool,
 }
 
 impl Drop for ActivePoll<'_> {
@@ -539,6 +592,9 @@ impl Drop for ActivePoll<'_> {
         if let Some(queue) = stub.queues.get_mut(self.token) {
             if queue.active_poll == Some(self.id) {
                 queue.active_poll = None;
+            }
+            if !self.answered {
+                queue.cancelled += 1;
             }
         }
     }
@@ -562,7 +618,12 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
     };
     // Wakes the poll this one terminates.
     shared.changed.notify_waiters();
-    let _active = ActivePoll { shared, token, id };
+    let mut active = ActivePoll {
+        shared,
+        token,
+        id,
+        answered: false,
+    };
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -571,6 +632,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
             let mut stub = shared.lock();
             let queue = stub.queues.entry(token.to_string()).or_default();
             if queue.active_poll != Some(id) {
+                active.answered = true;
                 return None;
             }
             queue.polls += 1;
@@ -588,6 +650,7 @@ async fn get_updates(shared: &Shared, token: &str, body: &Value) -> Option<Value
                 .map(|(_, u)| u.clone())
                 .collect();
             if !ready.is_empty() || Instant::now() >= deadline {
+                active.answered = true;
                 return Some(Value::Array(ready));
             }
         }

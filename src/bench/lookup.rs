@@ -61,20 +61,16 @@ impl Strategy {
     }
 
     async fn lookup(&self, id: UserId, queries: &AtomicU64) -> Result<RoleState, RepoError> {
-        // Counts a query only when the future runs: moka builds the init future of
-        // `try_get_with` on every call, but polls it only on a miss.
-        let load = |repo: &Repository| {
-            let repo = repo.clone();
-            async move {
-                queries.fetch_add(1, Ordering::Relaxed);
-                Ok(repo.role_of(id).await?.unwrap_or(RoleState::deleted(0)))
-            }
-        };
         match self {
-            Strategy::NoCache(repo) => load(repo).await,
+            Strategy::NoCache(repo) => load(repo, id, queries).await,
             Strategy::Ttl(repo, cache) => {
+                // The hit path is a plain `get`, as a hand-written TTL cache would do it: the
+                // loader (and `try_get_with`'s bookkeeping) only on a miss.
+                if let Some(state) = cache.get(&id).await {
+                    return Ok(state);
+                }
                 cache
-                    .try_get_with(id, load(repo))
+                    .try_get_with(id, load(repo, id, queries))
                     .await
                     .map_err(|e: Arc<RepoError>| match Arc::try_unwrap(e) {
                         Ok(e) => e,
@@ -84,6 +80,13 @@ impl Strategy {
             Strategy::Event(instance) => Ok(instance.lookup(id).await?.state),
         }
     }
+}
+
+/// One query for `id`'s row (counted in `queries`); borrows the repository, so that a lookup
+/// does not touch the pool's shared reference count.
+async fn load(repo: &Repository, id: UserId, queries: &AtomicU64) -> Result<RoleState, RepoError> {
+    queries.fetch_add(1, Ordering::Relaxed);
+    Ok(repo.role_of(id).await?.unwrap_or(RoleState::deleted(0)))
 }
 
 /// What the writer has committed: per user, the newest version committed at least

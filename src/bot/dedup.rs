@@ -41,6 +41,31 @@ pub enum Claim {
     Unchecked,
 }
 
+/// A pooled connection running a statement that may be abandoned (the claim's timeout drops
+/// it mid-flight). Abandoned, the connection still has the statement queued — it may wait for a
+/// lock for as long as the lock is held — so it leaves the pool for good rather than make the
+/// next query (the update's role lookup, handled unchecked) wait behind it.
+struct InFlight(Option<deadpool_postgres::Object>);
+
+impl InFlight {
+    fn get(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("in flight")
+    }
+
+    /// The statement finished: the connection goes back to the pool.
+    fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// The claimed update ids of one bot.
 #[derive(Clone)]
 pub struct UpdateLog {
@@ -56,8 +81,9 @@ impl UpdateLog {
     /// Claims `update_id` for this instance.
     pub async fn claim(&self, update_id: u32) -> Claim {
         let insert = async {
-            let client = self.pool.get().await?;
+            let client = InFlight(Some(self.pool.get().await?));
             let n = client
+                .get()
                 .execute_typed(
                     CLAIM,
                     &[
@@ -65,8 +91,9 @@ impl UpdateLog {
                         (&i64::from(update_id), tokio_postgres::types::Type::INT8),
                     ],
                 )
-                .await?;
-            Ok::<_, RepoError>(n)
+                .await;
+            client.done();
+            Ok::<_, RepoError>(n?)
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, insert).await {
             Ok(Ok(1)) => Claim::First,

@@ -83,15 +83,27 @@ async fn watch_shows_a_dba_edit_and_survives_a_killed_listener() {
     let mut watch = Watch::spawn(&db);
     assert_eq!(watch.next().await["event"], "connected");
 
+    let (_, inserted) = db.role_in_table(42).await.unwrap();
+    let began = std::time::Instant::now();
     db.sql("UPDATE users SET role = 'admin' WHERE user_id = 42")
         .await;
     let changed = watch.next().await;
+    let elapsed_ms = began.elapsed().as_secs_f64() * 1e3;
     assert_eq!(changed["event"], "changed");
     assert_eq!(changed["user_id"], 42);
     assert_eq!(changed["role"], "admin");
     assert_eq!(changed["op"], "update");
-    assert!(changed["version"].as_i64().unwrap() > 0);
-    assert!(changed["lag_ms"].as_f64().unwrap() >= 0.0);
+    // The update's own version: the one the table holds now, newer than the insert's.
+    let (_, updated) = db.role_in_table(42).await.unwrap();
+    assert!(updated > inserted, "{inserted} → {updated}");
+    assert_eq!(changed["version"].as_i64(), Some(updated), "{changed}");
+    // The lag lies between the trigger firing and the line being read: within what the test
+    // itself waited (same clock; a millisecond for rounding).
+    let lag_ms = changed["lag_ms"].as_f64().expect("lag_ms is a number");
+    assert!(
+        (0.0..=elapsed_ms + 1.0).contains(&lag_ms),
+        "lag {lag_ms} ms, the test waited {elapsed_ms} ms"
+    );
 
     assert_eq!(db.kill_listeners().await, 1);
     assert_eq!(watch.next().await["event"], "disconnected");
@@ -143,6 +155,7 @@ async fn configuration_errors_exit_2_with_one_line() {
 #[tokio::test]
 async fn migrate_command_applies_the_schema_once() {
     let db = TestDb::empty().await;
+    let mut ledgers = Vec::new();
     for _ in 0..2 {
         let out = run_cli(&["migrate"], &[("DATABASE_URL", &db.url())]).await;
         assert!(
@@ -150,7 +163,25 @@ async fn migrate_command_applies_the_schema_once() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let ledger: Vec<(i32, String)> = db
+            .client()
+            .await
+            .query(
+                "SELECT version, applied_at::text FROM rolecache_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .expect("the ledger exists")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        ledgers.push(ledger);
     }
+    // Every migration recorded by the first run; the second applied nothing (same rows, same
+    // times).
+    let versions: Vec<i32> = ledgers[0].iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(ledgers[0], ledgers[1]);
     assert!(db.role_in_table(1).await.is_none(), "users table exists");
 }
 

@@ -157,3 +157,188 @@ async fn a_leader_that_loses_its_lock_session_stops_polling_before_the_standby_t
         1
     );
 }
+
+/// One `rolecache run` polling on a private cluster of its own (whose processes the test may
+/// stop), with the leader election's timings (ping every 1 s, 2 s to answer, retry every 1 s).
+struct Alone {
+    process: BotProcess,
+    stub: TelegramStub,
+    config: tokio_postgres::Config,
+    // Dropped last: stops the cluster.
+    cluster: rolecache::embedded::PrivateCluster,
+    _dir: RemoveDir,
+    _unused: TestDb,
+}
+
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.0.join("data").with_extension("run"));
+    }
+}
+
+impl Alone {
+    async fn start() -> Alone {
+        use rolecache::embedded::PrivateCluster;
+        assert!(
+            PrivateCluster::find_bin_dir().is_some(),
+            "this test needs PostgreSQL binaries (initdb) installed"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "rolecache-leader-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let remove = RemoveDir(dir.clone());
+        let cluster = PrivateCluster::start(&dir.join("data"), 0).expect("private cluster");
+        let url = cluster.url("postgres");
+        let config = rolecache::db::parse_url(&url).unwrap();
+        // Spawn wants a test database; the process is pointed at the cluster instead.
+        let unused = TestDb::empty().await;
+        let stub = TelegramStub::start().await;
+        let process = Spawn::new(&unused, &stub, TOKEN)
+            .env("DATABASE_URL", &url)
+            .start();
+        process.wait_log(TOOK, Duration::from_secs(30)).await;
+        let alone = Alone {
+            process,
+            stub,
+            config,
+            cluster,
+            _dir: remove,
+            _unused: unused,
+        };
+        let bot = alone.stub.bot(TOKEN);
+        bot.wait_polling().await;
+        let ann = TgUser::new(903, "ann");
+        assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).0, 903);
+        alone
+    }
+
+    /// The backend pid of the session holding the leader lock.
+    async fn leader_backend(&self) -> i32 {
+        crate::harness::connect(&self.config)
+            .await
+            .query_one(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until the long poll in flight has been cancelled by the process (dropped, not
+    /// answered) and none is in flight; returns how many polls were made until then.
+    async fn wait_poll_cancelled(&self) -> usize {
+        let bot = self.stub.bot(TOKEN);
+        crate::harness::eventually(SOON, "the poll in flight is cancelled", || async {
+            bot.cancelled_polls() == 1 && !bot.polling_now()
+        })
+        .await;
+        self.stub.count(TOKEN, "getupdates")
+    }
+
+    fn took(&self) -> usize {
+        self.process
+            .log()
+            .iter()
+            .filter(|l| l.contains(TOOK))
+            .count()
+    }
+}
+
+/// Resumes a stopped process when dropped (a stopped backend would hang the cluster's stop).
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        // SAFETY: signals one backend of the test's own private cluster.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The leader's lock session stops answering (its backend is stopped, so the session is open
+/// and the lock still held): the leader stops polling after its ping goes unanswered, and
+/// polls again only once it holds the lock again.
+#[tokio::test]
+async fn a_leader_whose_ping_goes_unanswered_stops_polling() {
+    let alone = Alone::start().await;
+    let backend = alone.leader_backend().await;
+    let stopped = Stopped::stop(backend);
+    let line = alone
+        .process
+        .wait_log("lost the leader lock session", SOON)
+        .await;
+    assert!(line.contains("ping not answered"), "{line}");
+    let polls = alone.wait_poll_cancelled().await;
+    // Barrier: the election went on after the loss (a new session, standing by while the
+    // stopped backend holds the lock); no poll was made meanwhile.
+    crate::harness::eventually(SOON, "a new leader session stands by", || async {
+        crate::harness::connect(&alone.config)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&rolecache::bot::leader::APPLICATION_NAME],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 2
+    })
+    .await;
+    assert_eq!(alone.stub.count(TOKEN, "getupdates"), polls);
+    assert!(!alone.stub.bot(TOKEN).polling_now());
+    assert_eq!(alone.took(), 1);
+
+    // The stopped backend resumes, finds its client gone and exits: the lock is free again.
+    drop(stopped);
+    alone.process.wait_log_count(TOOK, 2, SOON).await;
+    let bot = alone.stub.bot(TOKEN);
+    let ann = TgUser::new(904, "ann");
+    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).0, 904);
+    assert_eq!(bot.conflicts(), 0);
+}
+
+/// The database goes away: the leader stops polling at once, and polls again once the
+/// database is back and it holds the lock again.
+#[tokio::test]
+async fn a_leader_that_loses_the_database_stops_polling() {
+    let mut alone = Alone::start().await;
+    alone
+        .cluster
+        .stop(rolecache::embedded::StopMode::Immediate)
+        .unwrap();
+    alone
+        .process
+        .wait_log("lost the leader lock session", SOON)
+        .await;
+    let polls = alone.wait_poll_cancelled().await;
+    // Barrier: the election's next try (a second later) found no database; no poll meanwhile.
+    alone
+        .process
+        .wait_log("cannot open the leader election session", SOON)
+        .await;
+    assert_eq!(alone.stub.count(TOKEN, "getupdates"), polls);
+    assert!(!alone.stub.bot(TOKEN).polling_now());
+    assert_eq!(alone.took(), 1);
+
+    alone.cluster.start_server().unwrap();
+    alone
+        .process
+        .wait_log_count(TOOK, 2, Duration::from_secs(20))
+        .await;
+    let bot = alone.stub.bot(TOKEN);
+    let ann = TgUser::new(905, "ann");
+    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).0, 905);
+}

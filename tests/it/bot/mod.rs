@@ -6,6 +6,7 @@ mod bypass;
 mod commands;
 mod failover;
 mod lifecycle;
+mod logs;
 mod propagation;
 mod repository;
 mod retries;
@@ -21,6 +22,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::harness::TestDb;
+use rolecache::bot::BotState;
+use rolecache::http::Metrics;
+use rolecache::instance::Instance;
 use rolecache::telegram_stub::{StubBot, TelegramStub, TgUser};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
@@ -53,6 +57,7 @@ pub struct Spawn<'a> {
     owner: Option<i64>,
     rust_log: String,
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl<'a> Spawn<'a> {
@@ -64,12 +69,19 @@ impl<'a> Spawn<'a> {
             owner: None,
             rust_log: "info".to_string(),
             env: Vec::new(),
+            args: Vec::new(),
         }
     }
 
     /// One more environment variable for the process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// One more command-line argument (after `run`).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
         self
     }
 
@@ -87,6 +99,7 @@ impl<'a> Spawn<'a> {
         let mut command = Command::new(BIN);
         command
             .arg("run")
+            .args(&self.args)
             .env("DATABASE_URL", self.db.url())
             .env("TELOXIDE_TOKEN", &self.token)
             .env("TELOXIDE_API_URL", self.stub.url())
@@ -137,6 +150,22 @@ impl BotProcess {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no log line with {needle:?} within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `n` lines of its stderr contain `needle`.
+    pub async fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let found = self.log().iter().filter(|l| l.contains(needle)).count();
+            if found >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{found} log lines with {needle:?} within {limit:?}, want {n}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -227,6 +256,61 @@ impl World {
 
     pub async fn role(&self, user: &TgUser) -> Option<String> {
         self.db.role_in_table(user.id).await.map(|(role, _)| role)
+    }
+}
+
+/// The bot's handler tree dispatched in this test process, on an [`Instance`] the test holds:
+/// for tests that must reach into the cache (e.g. seed a role the table does not hold). The
+/// same schema, state and error handler as `rolecache run`; polling only (no leader election).
+pub struct InProcessBot {
+    pub instance: Arc<Instance>,
+    stop: teloxide::dispatching::ShutdownToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessBot {
+    /// Starts an instance on `db` (synced before it returns) and dispatches bot `token`'s
+    /// updates from `stub`; returns once the first `getUpdates` arrived.
+    pub async fn start(db: &TestDb, stub: &TelegramStub, token: &str) -> InProcessBot {
+        use teloxide::prelude::*;
+        use teloxide::update_listeners::Polling;
+
+        let instance = Arc::new(db.instance().await);
+        let state = Arc::new(BotState::of(&instance, 1_000, Metrics::new(), None));
+        let bot = rolecache::bot::build_bot(token, Some(&stub.url())).expect("bot");
+        let mut dispatcher = Dispatcher::builder(bot.clone(), rolecache::bot::schema())
+            .dependencies(teloxide::dptree::deps![state])
+            .error_handler(Arc::new(rolecache::bot::reply::log_error))
+            .build();
+        let stop = dispatcher.shutdown_token();
+        let task = tokio::spawn(async move {
+            let polling = Polling::builder(bot)
+                .timeout(Duration::from_secs(10))
+                .build();
+            dispatcher
+                .dispatch_with_listener(
+                    polling,
+                    teloxide::error_handlers::LoggingErrorHandler::new(),
+                )
+                .await;
+        });
+        stub.bot(token).wait_polling().await;
+        InProcessBot {
+            instance,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops dispatching and the instance.
+    pub async fn stop(self) {
+        if let Ok(done) = self.stop.shutdown() {
+            done.await;
+        }
+        let _ = self.task.await;
+        if let Ok(instance) = Arc::try_unwrap(self.instance) {
+            instance.shutdown().await;
+        }
     }
 }
 

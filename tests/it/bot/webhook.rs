@@ -334,6 +334,7 @@ async fn set_webhook_and_delete_webhook_are_one_request_each_from_a_deploy_step(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(stub.bot(TOKEN).webhook().as_deref(), Some(HOOK_URL));
     let out = rolecache(&["delete-webhook", "--drop-pending-updates"], &env).await;
     assert!(
         out.status.success(),
@@ -342,6 +343,9 @@ async fn set_webhook_and_delete_webhook_are_one_request_each_from_a_deploy_step(
     );
 
     let requests = stub.requests();
+    let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
+    // set-webhook reads the webhook back to report it.
+    assert_eq!(methods, ["setwebhook", "getwebhookinfo", "deletewebhook"]);
     let set = requests
         .iter()
         .find(|r| r.method == "setwebhook")
@@ -355,4 +359,144 @@ async fn set_webhook_and_delete_webhook_are_one_request_each_from_a_deploy_step(
         .expect("deleteWebhook sent");
     assert_eq!(deleted.body["drop_pending_updates"], true);
     assert!(requests.iter().all(|r| r.token == TOKEN));
+    assert_eq!(stub.bot(TOKEN).webhook(), None);
+}
+
+/// A polling instance started while a webhook is set (a fleet in webhook mode, or a leftover)
+/// says so and leaves the webhook alone: deleting it would unhook the fleet.
+#[tokio::test]
+async fn a_poller_never_deletes_a_webhook() {
+    let db = TestDb::new().await;
+    let stub = TelegramStub::start().await;
+    let bot = stub.bot(TOKEN);
+    bot.set_webhook(HOOK_URL);
+    let process = Spawn::new(&db, &stub, TOKEN).start();
+    process
+        .wait_log("a webhook is set for this bot", SOON)
+        .await;
+    // Polling and answering: whatever it does before polling has been done.
+    let ann = TgUser::new(702, "ann");
+    assert_eq!(whoami(&bot.ask(&ann, "/whoami").await).0, 702);
+    assert_eq!(stub.count(TOKEN, "deletewebhook"), 0);
+    assert_eq!(bot.webhook().as_deref(), Some(HOOK_URL));
+}
+
+/// A claim that gets no answer in time: the update is handled anyway (unchecked) and logged,
+/// while the dedup table is locked; nothing is recorded for it.
+#[tokio::test]
+async fn an_update_whose_claim_cannot_be_checked_is_handled_unchecked() {
+    let fleet = Fleet::start(1, "").await;
+    let bot = fleet.stub.bot(TOKEN);
+    let ann = TgUser::new(703, "ann");
+    let lock = fleet.db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE telegram_updates IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    assert_eq!(
+        deliver(fleet.addrs[0], &bot.update(&ann, "/whoami")).await,
+        200
+    );
+    // Answered while the table is still locked: the claim was given up, not waited for.
+    assert_eq!(whoami(&bot.reply_to(&ann).await), (703, "user".into()));
+    assert!(
+        fleet.processes[0].logged("on whether an update is a redelivery; handling it"),
+        "{:?}",
+        fleet.processes[0].log()
+    );
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    // The abandoned claim did not take a connection out of service: the next update is
+    // claimed and handled as usual.
+    assert_eq!(
+        deliver(fleet.addrs[0], &bot.update(&ann, "/start")).await,
+        200
+    );
+    assert!(bot.reply_to(&ann).await.starts_with("Hello, User703!"));
+}
+
+/// Claimed ids are kept 25 hours (Telegram keeps an update 24 hours) and then deleted, for
+/// this bot only.
+#[tokio::test]
+async fn claimed_update_ids_are_kept_25_hours() {
+    use rolecache::bot::dedup::{UpdateLog, RETENTION};
+    let db = TestDb::new().await;
+    db.sql(
+        "INSERT INTO telegram_updates (bot_id, update_id, received_at) VALUES
+           (1001, 1, now() - interval '25 hours 1 minute'),
+           (1001, 2, now() - interval '24 hours 59 minutes'),
+           (1001, 3, now()),
+           (2002, 4, now() - interval '30 hours')",
+    )
+    .await;
+    let instance = db.instance().await;
+    let log = UpdateLog::new(instance.repo.pool().clone(), 1001);
+    assert_eq!(log.forget_expired(RETENTION).await.unwrap(), 1);
+    let left: Vec<i64> = db
+        .client()
+        .await
+        .query(
+            "SELECT update_id FROM telegram_updates ORDER BY update_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, [2, 3, 4]);
+    // A redelivery of a kept id is still recognized.
+    assert_eq!(log.claim(2).await, rolecache::bot::dedup::Claim::Duplicate);
+    assert_eq!(log.claim(1).await, rolecache::bot::dedup::Claim::First);
+    instance.shutdown().await;
+}
+
+/// While an instance stops, it answers new deliveries 503 (Telegram redelivers elsewhere) and
+/// still handles the update it had accepted, then exits 0.
+#[tokio::test]
+async fn a_stopping_instance_answers_503_and_finishes_what_it_accepted() {
+    let mut fleet = Fleet::start(1, "").await;
+    let bot = fleet.stub.bot(TOKEN);
+    let addr = fleet.addrs[0];
+    let ann = TgUser::new(704, "ann");
+    // ann is new: handling her message registers her, which waits for this lock.
+    let lock = fleet.db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    assert_eq!(deliver(addr, &bot.update(&ann, "/whoami")).await, 200);
+    crate::harness::eventually(SOON, "the update waits for the lock", || async {
+        lock.query_one(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'users'::regclass AND NOT granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+
+    let pid = fleet.processes[0].pid();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    fleet.processes[0].wait_log("shutting down", SOON).await;
+    let bob = TgUser::new(705, "bob");
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = deliver(addr, &bot.update(&bob, "/start")).await;
+        if status == 503 {
+            break;
+        }
+        // Accepted in the moment before the dispatcher stopped taking updates.
+        assert_eq!(status, 200);
+        assert!(
+            Instant::now() < deadline,
+            "never answered 503 while stopping"
+        );
+    }
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(whoami(&bot.reply_to(&ann).await), (704, "user".into()));
+    let status = fleet.processes[0]
+        .stop_with(0, Duration::from_secs(10))
+        .await;
+    assert_eq!(status.code(), Some(0));
 }
