@@ -455,6 +455,8 @@ pub struct CacheStats {
     pub loads: u64,
     pub bypass_reads: u64,
     pub events_applied: u64,
+    /// Writes refused as not newer than what the cache holds, or dropped because a re-read
+    /// was applied while they ran.
     pub stale_rejected: u64,
     pub resyncs: Vec<(ResyncReason, u64)>,
     pub synced: bool,
@@ -718,7 +720,9 @@ impl RoleCache {
                 ready(op)
             })
             .await;
-        if outcome == WriteOutcome::Stale {
+        // A dropped load is refused for the same reason as a stale one: the cache holds (or the
+        // next miss will read) something newer than what it read.
+        if matches!(outcome, WriteOutcome::Stale | WriteOutcome::Dropped) {
             inner
                 .counters
                 .stale_rejected
