@@ -1,5 +1,6 @@
-//! A write rule proposed from the counterexamples (see docs/ARCHITECTURE.md, "The protocol
-//! model"): the model checks it the same way as the code's, so the two can be compared.
+//! A stricter write rule than the code's (see docs/ARCHITECTURE.md, "The protocol model"): it
+//! keeps property (a) outside the delivery window too. The model checks it the same way as the
+//! code's, so the two can be compared.
 //!
 //! Versions do not order one key's states across a delete and re-insert, so no write trusts a
 //! version to decide which of two states is newer. Instead:
@@ -45,35 +46,5 @@ pub fn after_bypass(current_epoch: Epoch, existing: Option<Slot>, read: Slot) ->
     match existing {
         Some(old) if old.epoch == current_epoch && old.state != read.state => Decision::Remove,
         _ => Decision::Keep(WriteOutcome::Dropped),
-    }
-}
-
-/// The smallest change to the code's rule that removes the two findings which leave a wrong
-/// role cached for good (F1, F2): a re-read is not gated by version, and a load applies only if
-/// no re-read was applied since its ticket, whether or not the key is present.
-pub fn decide_minimal(
-    current_epoch: Epoch,
-    existing: Option<Slot>,
-    new: Slot,
-    writer: Writer,
-    changes_seen_now: u64,
-) -> Decision {
-    if new.epoch != current_epoch {
-        return Decision::Keep(WriteOutcome::OldEpoch);
-    }
-    let current = existing.filter(|old| old.epoch == current_epoch);
-    match writer {
-        Writer::Reread if new.state.role.is_none() => Decision::Remove,
-        Writer::Reread if current.is_some_and(|old| old.state == new.state) => {
-            Decision::Keep(WriteOutcome::Stale)
-        }
-        Writer::Reread => Decision::Put,
-        Writer::Load { changes_seen } if changes_seen != changes_seen_now => {
-            Decision::Keep(WriteOutcome::Dropped)
-        }
-        Writer::Load { .. } if current.is_some_and(|old| old.state == new.state) => {
-            Decision::Keep(WriteOutcome::Stale)
-        }
-        Writer::Load { .. } => Decision::Put,
     }
 }

@@ -81,8 +81,6 @@ impl Safeguards {
 pub enum Rule {
     /// `rolecache::cache::rule::decide`, as the code runs it.
     Code,
-    /// `proposed::decide_minimal`: the code's rule without trusting versions.
-    Minimal,
     /// `proposed::decide`: re-reads only invalidate; the counter also counts completed lookups,
     /// and a bypass read removes a slot that differs from what it read.
     Invalidate,
@@ -278,7 +276,6 @@ impl Protocol {
         };
         let rule = match self.rule {
             Rule::Code => decide,
-            Rule::Minimal => crate::proposed::decide_minimal,
             Rule::Invalidate => crate::proposed::decide,
         };
         match rule(current, existing, new, writer, s.changes_seen) {
