@@ -22,7 +22,7 @@
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` (and the bot's webhook) over HTTP.
 //! * [`telegram_stub`] — a local Bot API stand-in (tests, the bench's end-to-end section).
 //! * [`telemetry`] — logging setup.
-//! * [`bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
+//! * [`mod@bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
 
 pub mod bench;
 pub mod bot;

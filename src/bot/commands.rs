@@ -71,7 +71,8 @@ async fn answer(
 }
 
 /// Every command. `<user>` is a numeric Telegram id or the @username of someone who has written
-/// to the bot.
+/// to the bot. A variant's doc comment, or its `description` where the text holds `<user>` or
+/// `[n]` (rustdoc would read those as HTML or links), is its line in /help and in the menus.
 #[derive(BotCommands, Clone, Debug, PartialEq, Eq)]
 #[command(rename_rule = "snake_case")]
 pub enum Command {
@@ -81,19 +82,19 @@ pub enum Command {
     Help,
     /// Show your Telegram id and your role.
     Whoami,
-    /// Make <user> an admin.
+    #[command(description = "Make <user> an admin.")]
     AddAdmin(String),
-    /// Make admin <user> a user again.
+    #[command(description = "Make admin <user> a user again.")]
     RemoveAdmin(String),
-    /// Hand your admin role to <user> (you become a user).
+    #[command(description = "Hand your admin role to <user> (you become a user).")]
     TransferAdmin(String),
-    /// Ban <user>: the bot ignores them.
+    #[command(description = "Ban <user>: the bot ignores them.")]
     Ban(String),
-    /// Lift the ban on <user>.
+    #[command(description = "Lift the ban on <user>.")]
     Unban(String),
     /// Show the role cache's statistics.
     CacheStats,
-    /// Show the last [n] role changes (default 10).
+    #[command(description = "Show the last [n] role changes (default 10).")]
     Audit(String),
 }
 
@@ -415,6 +416,22 @@ fn utc(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_lines_keep_their_placeholders() {
+        let help = Command::descriptions().to_string();
+        for line in [
+            "/add_admin — Make <user> an admin.",
+            "/remove_admin — Make admin <user> a user again.",
+            "/transfer_admin — Hand your admin role to <user> (you become a user).",
+            "/ban — Ban <user>: the bot ignores them.",
+            "/unban — Lift the ban on <user>.",
+            "/audit — Show the last [n] role changes (default 10).",
+            "/whoami — Show your Telegram id and your role.",
+        ] {
+            assert!(help.lines().any(|l| l == line), "{line:?} not in:\n{help}");
+        }
+    }
 
     #[test]
     fn commands_parse_in_snake_case_with_free_arguments() {

@@ -3,12 +3,12 @@
 //!
 //! * A cached user costs no database query (the username last stored is kept in process too,
 //!   so an unchanged one is not written).
-//! * A miss reads the database through [`Repository::register`]: a user never seen before is
+//! * A miss reads the database through [`Repository::register`](crate::db::Repository::register): a user never seen before is
 //!   registered as `user` in that same single statement. While the cache is bypassed (listener
 //!   not synced, triggers missing) every message is such a read, so the role is the table's.
 //! * A tombstone in the cache (the row was deleted) is never used as a role: the user is
 //!   registered anew.
-//! * The sender's username is claimed for them ([`Repository::claim_username`]): cleared from
+//! * The sender's username is claimed for them ([`Repository::claim_username`](crate::db::Repository::claim_username)): cleared from
 //!   any other row, so that `@name` resolves to whoever holds it now.
 //! * `banned` users are dropped here, silently.
 //! * A caller whose role is not known — [`Access::Unavailable`] (database unreachable or

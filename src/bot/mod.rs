@@ -1,5 +1,5 @@
 //! The Telegram bot (`rolecache run`): a teloxide dispatcher with long polling on top of an
-//! [`Instance`](crate::instance::Instance).
+//! [`crate::instance::Instance`].
 //!
 //! * [`schema`] — the handler tree: the role middleware, access checks as filters, then one
 //!   endpoint per command.

@@ -238,7 +238,7 @@ const REGISTER: &str = "WITH found AS (
     UNION ALL
     SELECT user_id, username, role, role_version, true FROM ins";
 
-/// How many times [`Repository::register`] runs [`REGISTER`] before giving up.
+/// How many times [`Repository::register`] runs its statement before giving up.
 pub const REGISTER_ATTEMPTS: u32 = 3;
 
 /// Stores `$2` as user `$1`'s username and clears it (any case) from every other row: whoever
