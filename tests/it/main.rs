@@ -6,6 +6,7 @@ mod harness;
 mod bot;
 mod config_cli;
 mod embedded_home;
+mod examples;
 mod faults;
 mod flood;
 mod http;
