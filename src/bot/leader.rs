@@ -171,7 +171,7 @@ async fn hold(
                 Ok(false) => {}
                 Err(e) => return e.to_string(),
             },
-            Ok(Err(e)) => return crate::listener::pg_detail(&e),
+            Ok(Err(e)) => return crate::db::pg_detail(&e),
             Err(_) => return format!("no answer within {:?}", config.ping_timeout),
         }
         tokio::select! {
@@ -194,7 +194,7 @@ async fn hold(
                 .await;
         match ping {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return crate::listener::pg_detail(&e),
+            Ok(Err(e)) => return crate::db::pg_detail(&e),
             Err(_) => return format!("ping not answered within {:?}", config.ping_timeout),
         }
     }

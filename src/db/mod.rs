@@ -31,6 +31,28 @@ pub use repo::{AuditEntry, RepoError, Repository};
 pub use session::SessionError;
 pub use tls::{RootCert, SslMode, Tls};
 
+/// A tokio-postgres error as one line: a server error as
+/// `ERROR 42P01: relation "x" does not exist (detail: …) (hint: …)`, any other error with its
+/// cause. tokio-postgres's own `Display` says only "db error" or "error communicating with the
+/// server".
+pub fn pg_detail(e: &tokio_postgres::Error) -> String {
+    use std::fmt::Write as _;
+    let Some(db) = e.as_db_error() else {
+        return match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        };
+    };
+    let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    if let Some(detail) = db.detail() {
+        let _ = write!(text, " (detail: {detail})");
+    }
+    if let Some(hint) = db.hint() {
+        let _ = write!(text, " (hint: {hint})");
+    }
+    text
+}
+
 /// The default server: the local PostgreSQL with trust auth.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 

@@ -1,10 +1,10 @@
 //! The repository: every query the application runs against `users` and `role_audit`, through
 //! the pool. Queries are named constants; every one is parameterized.
 //!
-//! Errors print the server's SQLSTATE, message and detail ([`db_detail`]): tokio-postgres's own
+//! Errors print the server's SQLSTATE, message and detail ([`pg_detail`]): tokio-postgres's own
 //! `Display` of a server error is just "db error".
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Transaction};
 
+use super::pg_detail;
 use crate::role::{Role, RoleState, RoleVersion, UnknownRole, UserId};
 
 // The database errors are not `#[source]`s: their text (with the server's SQLSTATE, message
@@ -22,13 +23,13 @@ use crate::role::{Role, RoleState, RoleVersion, UnknownRole, UserId};
 pub enum RepoError {
     #[error("database unavailable: {}", pool_detail(.0))]
     Pool(deadpool_postgres::PoolError),
-    #[error("database error: {}", db_detail(.0))]
+    #[error("database error: {}", pg_detail(.0))]
     Db(tokio_postgres::Error),
     #[error("users table holds an invalid role: {0}")]
     CorruptRole(#[from] UnknownRole),
     /// A new user's row got no role version: the `rolecache_version` trigger is disabled (the
     /// column has no default on purpose, so that an unversioned row is never published).
-    #[error("user {user_id} cannot be registered while the rolecache_version trigger is disabled: {}", db_detail(.error))]
+    #[error("user {user_id} cannot be registered while the rolecache_version trigger is disabled: {}", pg_detail(.error))]
     Unversioned {
         user_id: UserId,
         error: tokio_postgres::Error,
@@ -98,28 +99,9 @@ impl Conflict for RepoError {
     }
 }
 
-/// A server error as `ERROR 42P01: relation "x" does not exist (detail: …)`; any other error
-/// with its cause.
-pub fn db_detail(e: &tokio_postgres::Error) -> String {
-    let Some(db) = e.as_db_error() else {
-        return match std::error::Error::source(e) {
-            Some(source) => format!("{e}: {source}"),
-            None => e.to_string(),
-        };
-    };
-    let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
-    if let Some(detail) = db.detail() {
-        let _ = write!(text, " (detail: {detail})");
-    }
-    if let Some(hint) = db.hint() {
-        let _ = write!(text, " (hint: {hint})");
-    }
-    text
-}
-
 fn pool_detail(e: &deadpool_postgres::PoolError) -> String {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => db_detail(e),
+        deadpool_postgres::PoolError::Backend(e) => pg_detail(e),
         other => other.to_string(),
     }
 }

@@ -55,6 +55,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
 
 use crate::cache::{ResyncReason, RoleCache, RowHint};
+use crate::db::pg_detail;
 use crate::role::{Role, RoleState, UserId};
 use payload::{Payload, RowOp};
 use triggers::TriggerCheck;
@@ -174,16 +175,6 @@ pub enum ListenerError {
     Ping(#[source] tokio_postgres::Error),
     #[error("{0}")]
     Session(#[source] crate::db::SessionError),
-}
-
-/// A tokio-postgres error with its cause: its own `Display` says only "db error" or
-/// "error communicating with the server".
-pub fn pg_detail(e: &tokio_postgres::Error) -> String {
-    match (e.as_db_error(), std::error::Error::source(e)) {
-        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
-        (None, Some(source)) => format!("{e}: {source}"),
-        (None, None) => e.to_string(),
-    }
 }
 
 /// Owns the running listener task. Dropping the handle aborts the task; [`ListenerHandle::stop`]
