@@ -39,8 +39,7 @@ use std::time::Duration;
 use moka::ops::compute::Op;
 use tokio::sync::broadcast;
 
-use crate::listener::payload::{RowChange, RowOp};
-use crate::role::{Role, RoleState, RoleVersion, UserId};
+use crate::role::{Role, RoleState, RoleVersion, RowChange, RowOp, UserId};
 use rule::{Decision, Writer};
 
 pub use rule::{Epoch, Slot};

@@ -86,6 +86,22 @@ impl RoleState {
     }
 }
 
+/// One row change, as the triggers name it on `role_changes` and the cache applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowChange {
+    pub op: RowOp,
+    pub user_id: UserId,
+    pub state: RoleState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowOp {
+    Insert,
+    Update,
+    Delete,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,8 +91,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listener::payload::RowOp;
     use crate::role::Role;
+    use crate::role::RowOp;
     use std::time::Duration;
 
     #[test]

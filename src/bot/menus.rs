@@ -16,7 +16,7 @@ use super::reply::{self, BotError};
 use super::Command;
 use crate::cache::CacheEvent;
 use crate::db::{RepoError, Repository};
-use crate::listener::payload::RowOp;
+use crate::role::RowOp;
 use crate::role::{Role, UserId};
 
 /// The commands everyone may use.

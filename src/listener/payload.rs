@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use crate::role::{Role, RoleState, RoleVersion, UserId};
+pub use crate::role::{RowChange, RowOp};
 
 /// PostgreSQL rejects NOTIFY payloads of 8000 bytes or more; anything longer did not come from
 /// a server we understand.
@@ -12,22 +13,6 @@ pub const MAX_PAYLOAD_BYTES: usize = 8000;
 
 /// Most changes one batch payload may carry (the triggers send at most 64).
 pub const MAX_BATCH_CHANGES: usize = 256;
-
-/// One row change as published by the triggers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowChange {
-    pub op: RowOp,
-    pub user_id: UserId,
-    pub state: RoleState,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RowOp {
-    Insert,
-    Update,
-    Delete,
-}
 
 /// What one notification on `role_changes` means.
 #[derive(Clone, Debug, PartialEq)]
