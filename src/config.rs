@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::bot::settings::{RunConfig, UpdateSource, WebhookConfig, WebhookUrl};
 use crate::db::{DbConfig, Endpoints, InvalidUrl, DEFAULT_DATABASE_URL};
 use crate::embedded::{ClusterError, ClusterOptions, PrivateCluster};
 use crate::listener::ListenerConfig;
@@ -259,40 +260,6 @@ pub struct TelegramOptions {
     pub webhook_secret_file: Option<std::path::PathBuf>,
 }
 
-/// A parsed WEBHOOK_URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookUrl {
-    /// The URL as given to Telegram.
-    pub url: String,
-    /// Its path, where each instance serves the webhook.
-    pub path: String,
-}
-
-/// Webhook mode: where updates arrive and the secret they carry.
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    pub url: WebhookUrl,
-    pub secret: String,
-}
-
-/// How `rolecache run` receives updates.
-#[derive(Debug, Clone)]
-pub enum UpdateSource {
-    /// Long polling by the elected leader.
-    Polling,
-    /// Telegram posts them to every instance through the operator's load balancer.
-    Webhook(WebhookConfig),
-}
-
-/// What `rolecache run` needs, once the token is known to be present.
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    pub token: String,
-    pub api_url: Option<String>,
-    pub owner_id: Option<i64>,
-    pub updates: UpdateSource,
-}
-
 impl TelegramOptions {
     /// The settings of `run`, or the one line to print when one is missing.
     pub fn run_config(&self) -> Result<RunConfig, String> {
@@ -437,6 +404,17 @@ pub struct CacheOptions {
     /// Notifications buffered between the socket and the cache; on overflow the cache resyncs.
     #[arg(long, env = "ROLECACHE_QUEUE_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub queue_capacity: u32,
+}
+
+/// The command line's cache options as an instance's (the instance knows nothing of the CLI).
+impl From<&CacheOptions> for crate::instance::InstanceOptions {
+    fn from(o: &CacheOptions) -> Self {
+        crate::instance::InstanceOptions {
+            cache_capacity: o.cache_capacity,
+            pool_size: o.pool_size as usize,
+            listener: o.listener_config(),
+        }
+    }
 }
 
 impl CacheOptions {

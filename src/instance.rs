@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cache::{Lookup, RoleCache};
-use crate::config::CacheOptions;
 use crate::db::{self, DbConfig, Endpoints, RepoError, Repository};
 use crate::listener::{Listener, ListenerConfig, ListenerHandle};
 use crate::role::UserId;
@@ -25,16 +24,6 @@ impl Default for InstanceOptions {
             cache_capacity: 1_000_000,
             pool_size: 16,
             listener: ListenerConfig::default(),
-        }
-    }
-}
-
-impl From<&CacheOptions> for InstanceOptions {
-    fn from(o: &CacheOptions) -> Self {
-        InstanceOptions {
-            cache_capacity: o.cache_capacity,
-            pool_size: o.pool_size as usize,
-            listener: o.listener_config(),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! * [`webhook`] — webhook mode: the route behind the load balancer, `set-webhook` and
 //!   `delete-webhook`.
 //! * [`leader`] — polling mode: one instance polls, elected through an advisory lock.
+//! * [`settings`] — what `run` is configured with (update source, webhook URL and secret).
 //! * [`run`](run()) — start, poll or serve the webhook, and shut down on SIGINT/SIGTERM.
 
 pub mod actions;
@@ -26,6 +27,7 @@ pub mod middleware;
 pub mod reply;
 pub mod rules;
 mod runner;
+pub mod settings;
 pub mod webhook;
 
 use std::sync::Arc;

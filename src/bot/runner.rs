@@ -18,9 +18,9 @@ use teloxide::{ApiError, RequestError};
 use tokio::sync::watch;
 
 use super::leader::{Election, LeaderConfig};
+use super::settings::{RunConfig, UpdateSource};
 use super::{menus, reply, schema, webhook, BotError, BotState};
 use crate::cache::RoleCache;
-use crate::config::{RunConfig, UpdateSource};
 use crate::db::{Endpoints, RepoError, Repository};
 use crate::http::Metrics;
 use crate::instance::{Instance, InstanceOptions};

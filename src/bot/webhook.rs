@@ -31,7 +31,7 @@ use teloxide::types::AllowedUpdate;
 use teloxide::update_listeners::{StatefulListener, UpdateListener};
 use tokio::sync::mpsc;
 
-use crate::config::WebhookConfig;
+use super::settings::WebhookConfig;
 use crate::http::Metrics;
 
 /// The header Telegram puts the secret in.
