@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rolecache::cache::{CacheEvent, ResyncReason, Source};
 use rolecache::instance::Instance;
@@ -285,9 +285,7 @@ async fn random_transaction(
     for c in &mut done {
         c.done = committed;
     }
-    ledger
-        .audited
-        .fetch_add(audited as u64, Ordering::Relaxed);
+    ledger.audited.fetch_add(audited as u64, Ordering::Relaxed);
     Ok(done)
 }
 
@@ -376,20 +374,36 @@ impl Timeline {
 struct Floors {
     /// user → (arrival, index in the user's timeline of the state applied).
     applied: HashMap<i64, Vec<(Instant, usize)>>,
-    /// (arrival of the disconnect, the kill that caused it): `None` for a disconnect that no
-    /// kill explains (then lookups after it are held to no missed floor).
+    /// (arrival of the disconnect, when the kill that caused it began): `None` for a disconnect
+    /// that no kill explains (then lookups after it are held to no missed floor).
     disconnects: Vec<(Instant, Option<Instant>)>,
+    /// (arrival of a `Connected`, a time no later than its session's start): the session
+    /// LISTENed after that, and flushed after LISTEN, so every change that committed before it
+    /// is covered. `None` when the session is not known for sure.
+    sessions: Vec<(Instant, Option<Instant>)>,
+}
+
+/// One kill of the listeners' sessions.
+struct Kill {
+    began: Instant,
+    /// When each session it terminated had started.
+    started: Vec<Instant>,
 }
 
 impl Floors {
-    /// `kills`: for each disconnect in `log`, in order, the kill that caused it (if known).
+    /// `caused`: for each disconnect in `log`, in order, the kill that caused it (if known);
+    /// `alive`: when the sessions alive at the end started.
     fn from_events(
         log: &EventLog,
         timelines: &HashMap<i64, Timeline>,
-        kills: &[Option<Instant>],
+        kills: &[Kill],
+        caused: &[Option<usize>],
+        alive: &[Instant],
     ) -> Floors {
-        let mut kills = kills.iter().copied();
+        let mut caused = caused.iter().copied();
         let mut floors = Floors::default();
+        // A session's start is learnt when it ends: the kill that ended it saw it.
+        let mut open = None;
         for (arrived, event) in &log.events {
             match event {
                 CacheEvent::Changed {
@@ -422,11 +436,26 @@ impl Floors {
                     applied.push((*arrived, at));
                 }
                 CacheEvent::Disconnected { .. } => {
-                    let kill = kills.next().expect("one attribution per disconnect");
-                    floors.disconnects.push((*arrived, kill));
+                    let kill = caused.next().expect("one attribution per disconnect");
+                    floors
+                        .disconnects
+                        .push((*arrived, kill.map(|k| kills[k].began)));
+                    if let Some(session) = open.take() {
+                        // The session ended here: if a kill ended it, the kill saw its start.
+                        let started = kill.and_then(|k| kills[k].started.iter().min().copied());
+                        floors.sessions.push((session, started));
+                    }
                 }
-                CacheEvent::Connected | CacheEvent::Resync { .. } => {}
+                CacheEvent::Connected => {
+                    if let Some(session) = open.replace(*arrived) {
+                        floors.sessions.push((session, None));
+                    }
+                }
+                CacheEvent::Resync { .. } => {}
             }
+        }
+        if let Some(session) = open {
+            floors.sessions.push((session, alive.iter().min().copied()));
         }
         floors
     }
@@ -440,11 +469,63 @@ impl Floors {
         n.checked_sub(1).map_or(0, |i| applied[i].1)
     }
 
-    /// When the session lost by the last disconnect reported before `t` was last known alive.
-    fn alive_until_before(&self, t: Instant) -> Option<Instant> {
-        let n = self.disconnects.partition_point(|(arrived, _)| *arrived < t);
-        n.checked_sub(1).and_then(|i| self.disconnects[i].1)
+    /// At `t`: `Ok(start)` when a session had reported `Connected` after the last disconnect,
+    /// with a time no later than its start if known; `Err(alive)` otherwise, with when the
+    /// session lost by the last disconnect was last known alive, if known.
+    fn session_at(&self, t: Instant) -> Result<Option<Instant>, Option<Instant>> {
+        let last = |events: &[(Instant, Option<Instant>)]| {
+            let n = events.partition_point(|(arrived, _)| *arrived < t);
+            n.checked_sub(1).map(|i| events[i])
+        };
+        match (last(&self.sessions), last(&self.disconnects)) {
+            (Some((connected, start)), d) if d.is_none_or(|(lost, _)| lost < connected) => {
+                Ok(start)
+            }
+            (_, d) => Err(d.and_then(|(_, alive)| alive)),
+        }
     }
+}
+
+/// Maps the server's clock to `Instant`s: both are this host's clocks, which NTP slews alike.
+#[derive(Clone, Copy)]
+struct Clock {
+    instant: Instant,
+    system: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            instant: Instant::now(),
+            system: SystemTime::now(),
+        }
+    }
+
+    fn instant(&self, t: SystemTime) -> Instant {
+        match t.duration_since(self.system) {
+            Ok(after) => self.instant + after,
+            Err(before) => self.instant - before.duration(),
+        }
+    }
+}
+
+/// The listeners' sessions on `db`: when each started. With `kill`, terminates them too.
+async fn listener_sessions(db: &TestDb, clock: Clock, kill: bool) -> Vec<Instant> {
+    let rows = db
+        .admin()
+        .await
+        .query(
+            "WITH l AS MATERIALIZED (
+                 SELECT pid, backend_start FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = $2)
+             SELECT backend_start FROM l WHERE NOT $3 OR pg_terminate_backend(pid)",
+            &[&db.name(), &rolecache::listener::APPLICATION_NAME, &kill],
+        )
+        .await
+        .expect("listener sessions");
+    rows.iter()
+        .map(|r| clock.instant(r.get::<_, SystemTime>(0)))
+        .collect()
 }
 
 /// Which kill caused each disconnect, per instance (`None`: not known for sure).
@@ -455,7 +536,7 @@ impl Floors {
 /// terminated, each was caused by it. Otherwise (a session that died on its own around a kill,
 /// or a report later than the next kill) none of them is dated by the kill, and lookups after
 /// them are held to no missed floor.
-fn attribute_disconnects(logs: &[EventLog], kills: &[(Instant, i64)]) -> Vec<Vec<Option<Instant>>> {
+fn attribute_disconnects(logs: &[EventLog], kills: &[Kill]) -> Vec<Vec<Option<usize>>> {
     let reported: Vec<Vec<Instant>> = logs
         .iter()
         .map(|log| {
@@ -466,10 +547,11 @@ fn attribute_disconnects(logs: &[EventLog], kills: &[(Instant, i64)]) -> Vec<Vec
                 .collect()
         })
         .collect();
-    let mut caused: Vec<Vec<Option<Instant>>> =
+    let mut caused: Vec<Vec<Option<usize>>> =
         reported.iter().map(|r| vec![None; r.len()]).collect();
-    for (k, (began, terminated)) in kills.iter().enumerate() {
-        let next = kills.get(k + 1).map(|(t, _)| *t);
+    for (k, kill) in kills.iter().enumerate() {
+        let began = &kill.began;
+        let next = kills.get(k + 1).map(|next| next.began);
         let candidates: Vec<(usize, usize)> = reported
             .iter()
             .enumerate()
@@ -480,9 +562,9 @@ fn attribute_disconnects(logs: &[EventLog], kills: &[(Instant, i64)]) -> Vec<Vec
                 Some((instance, last))
             })
             .collect();
-        if candidates.len() as i64 == *terminated {
+        if candidates.len() == kill.started.len() {
             for (instance, d) in candidates {
-                caused[instance][d] = Some(*began);
+                caused[instance][d] = Some(k);
             }
         }
     }
@@ -547,13 +629,15 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_stat
         }
     }
     let started = Instant::now();
+    let clock = Clock::now();
     let mut kills = Vec::new();
     while started.elapsed() < RUN {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(800..2000))).await;
         let began = Instant::now();
-        kills.push((began, db.kill_listeners().await));
+        let started = listener_sessions(&db, clock, true).await;
+        kills.push(Kill { began, started });
     }
-    let killed: i64 = kills.iter().map(|(_, n)| n).sum();
+    let killed: usize = kills.iter().map(|k| k.started.len()).sum();
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
@@ -562,6 +646,7 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_stat
     for r in readers {
         observations.extend(r.await.unwrap());
     }
+    let alive = listener_sessions(&db, clock, false).await;
     let mut logs = Vec::new();
     for (stop, collector) in collectors {
         let _ = stop.send(());
@@ -604,7 +689,7 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_stat
     let floors: Vec<Floors> = logs
         .iter()
         .zip(&caused)
-        .map(|(log, caused)| Floors::from_events(log, &timelines, caused))
+        .map(|(log, caused)| Floors::from_events(log, &timelines, &kills, caused, &alive))
         .collect();
 
     let mut sources: HashMap<(usize, &str), u64> = HashMap::new();
@@ -620,9 +705,11 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_stat
         let timeline = &timelines[&o.user];
         let floors = &floors[o.instance];
         let applied = floors.applied_before(o.user, o.started);
-        let missed = floors
-            .alive_until_before(o.started)
-            .map_or(0, |alive| timeline.done_before(alive));
+        // Listening: what committed before the session started was flushed. Between sessions:
+        // what committed before the lost session was killed may never have been delivered.
+        let missed = match floors.session_at(o.started) {
+            Ok(start) | Err(start) => start.map_or(0, |t| timeline.done_before(t)),
+        };
         let read = match o.source {
             Source::Cache => 0,
             Source::Load | Source::Bypass => timeline.done_before(o.started),
@@ -631,23 +718,25 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_stat
             held_by_missed_floor += 1;
         }
         let floor = applied.max(missed).max(read);
-        let what = || format!(
-            "instance {} user {}: {:?} from {source}; floors (indexes): applied {applied}, \
+        let what = || {
+            format!(
+                "instance {} user {}: {:?} from {source}; floors (indexes): applied {applied}, \
              missed {missed}, read {read}; states {:?}",
-            o.instance,
-            o.user,
-            o.state,
-            timeline
-                .states
-                .iter()
-                .map(|(r, v, sent, done)| (
-                    r.clone(),
-                    *v,
-                    sent.duration_since(began),
-                    done.duration_since(began)
-                ))
-                .collect::<Vec<_>>()
-        );
+                o.instance,
+                o.user,
+                o.state,
+                timeline
+                    .states
+                    .iter()
+                    .map(|(r, v, sent, done)| (
+                        r.clone(),
+                        *v,
+                        sent.duration_since(began),
+                        done.duration_since(began)
+                    ))
+                    .collect::<Vec<_>>()
+            )
+        };
         if o.state.role.is_none() {
             assert_eq!(o.state.version, 0, "{}: a tombstone with a version", what());
             absent_answers += 1;
