@@ -258,7 +258,7 @@ async fn notifications_queued_before_a_trigger_resync_are_not_applied_as_truth_a
     db.sql("ALTER TABLE users ENABLE ALWAYS TRIGGER rolecache_notify_update")
         .await;
     assert!(instance.wait_synced(SOON).await);
-    assert!(resyncs(&instance, ResyncReason::Triggers) >= 1);
+    assert_eq!(resyncs(&instance, ResyncReason::Triggers), 1);
 
     // Everything queued has been handled once the barrier row is applied.
     db.sql("INSERT INTO users (user_id) VALUES (1000)").await;
