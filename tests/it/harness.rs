@@ -358,6 +358,38 @@ where
     }
 }
 
+/// A barrier for an instance's listener: commits a change of `user_id` (a user the test leaves
+/// alone otherwise) and waits until the listener has applied it. The listener handles
+/// notifications in delivery (= commit) order, so by then it has handled every notification of
+/// every transaction that committed before this call, and whatever they did (or did not do) to
+/// the cache has happened.
+///
+/// Waits for the listener's own `Changed` event: a lookup (which loads and caches the row
+/// itself) or a peek at the cache could pass before the listener got there.
+pub async fn listener_barrier(db: &TestDb, instance: &Instance, user_id: i64) {
+    use rolecache::cache::CacheEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = instance.cache.subscribe();
+    db.sql(&format!(
+        "INSERT INTO users (user_id) VALUES ({user_id}) ON CONFLICT (user_id) DO UPDATE
+         SET role = CASE users.role WHEN 'user' THEN 'banned' ELSE 'user' END"
+    ))
+    .await;
+    let applied = async {
+        loop {
+            match events.recv().await {
+                Ok(CacheEvent::Changed { user_id: u, .. }) if u == user_id => return,
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => panic!("barrier: missed {n} events"),
+                Err(RecvError::Closed) => panic!("barrier: the cache is gone"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), applied)
+        .await
+        .unwrap_or_else(|_| panic!("barrier: user {user_id}'s change not applied within 10 s"));
+}
+
 /// The channel of [`RawListener::barrier`]'s markers (nothing else uses it).
 const MARKER_CHANNEL: &str = "rolecache_test_marker";
 
