@@ -391,14 +391,12 @@ struct Kill {
 }
 
 impl Floors {
-    /// `caused`: for each disconnect in `log`, in order, the kill that caused it (if known);
-    /// `alive`: when the sessions alive at the end started.
+    /// `caused`: for each disconnect in `log`, in order, the kill that caused it (if known).
     fn from_events(
         log: &EventLog,
         timelines: &HashMap<i64, Timeline>,
         kills: &[Kill],
         caused: &[Option<usize>],
-        alive: &[Instant],
     ) -> Floors {
         let mut caused = caused.iter().copied();
         let mut floors = Floors::default();
@@ -455,7 +453,7 @@ impl Floors {
             }
         }
         if let Some(session) = open {
-            floors.sessions.push((session, alive.iter().min().copied()));
+            floors.sessions.push((session, None));
         }
         floors
     }
@@ -509,8 +507,8 @@ impl Clock {
     }
 }
 
-/// The listeners' sessions on `db`: when each started. With `kill`, terminates them too.
-async fn listener_sessions(db: &TestDb, clock: Clock, kill: bool) -> Vec<Instant> {
+/// Terminates the listeners' sessions on `db`; returns when each had started.
+async fn kill_listeners(db: &TestDb, clock: Clock) -> Vec<Instant> {
     let rows = db
         .admin()
         .await
@@ -518,8 +516,8 @@ async fn listener_sessions(db: &TestDb, clock: Clock, kill: bool) -> Vec<Instant
             "WITH l AS MATERIALIZED (
                  SELECT pid, backend_start FROM pg_stat_activity
                  WHERE datname = $1 AND application_name = $2)
-             SELECT backend_start FROM l WHERE NOT $3 OR pg_terminate_backend(pid)",
-            &[&db.name(), &rolecache::listener::APPLICATION_NAME, &kill],
+             SELECT backend_start FROM l WHERE pg_terminate_backend(pid)",
+            &[&db.name(), &rolecache::listener::APPLICATION_NAME],
         )
         .await
         .expect("listener sessions");
@@ -533,17 +531,24 @@ async fn listener_sessions(db: &TestDb, clock: Clock, kill: bool) -> Vec<Instant
 /// A kill terminates at most one session per instance, and a session alive when a kill began
 /// died after that. For each kill, the last disconnect of each instance reported before the
 /// next kill is its candidate; when the candidates are exactly as many as the sessions the kill
-/// terminated, each was caused by it. Otherwise (a session that died on its own around a kill,
-/// or a report later than the next kill) none of them is dated by the kill, and lookups after
-/// them are held to no missed floor.
+/// terminated, and each reports what a terminated session reports, each was caused by it.
+/// Otherwise (a session that died on its own around a kill, or a report later than the next
+/// kill) none of them is dated by the kill, and lookups after them are held to no missed floor.
 fn attribute_disconnects(logs: &[EventLog], kills: &[Kill]) -> Vec<Vec<Option<usize>>> {
-    let reported: Vec<Vec<Instant>> = logs
+    // (arrival, whether the error is what a terminated session reports).
+    let reported: Vec<Vec<(Instant, bool)>> = logs
         .iter()
         .map(|log| {
             log.events
                 .iter()
-                .filter(|(_, e)| matches!(e, CacheEvent::Disconnected { .. }))
-                .map(|(arrived, _)| *arrived)
+                .filter_map(|(arrived, e)| match e {
+                    CacheEvent::Disconnected { error } => Some((
+                        *arrived,
+                        error.contains("administrator command")
+                            || error.ends_with("connection closed"),
+                    )),
+                    _ => None,
+                })
                 .collect()
         })
         .collect();
@@ -558,11 +563,12 @@ fn attribute_disconnects(logs: &[EventLog], kills: &[Kill]) -> Vec<Vec<Option<us
             .filter_map(|(instance, arrivals)| {
                 let last = arrivals
                     .iter()
-                    .rposition(|t| t > began && next.is_none_or(|n| *t < n))?;
+                    .rposition(|(t, _)| t > began && next.is_none_or(|n| *t < n))?;
                 Some((instance, last))
             })
             .collect();
-        if candidates.len() == kill.started.len() {
+        let terminated = |(instance, d): &(usize, usize)| reported[*instance][*d].1;
+        if candidates.len() == kill.started.len() && candidates.iter().all(terminated) {
             for (instance, d) in candidates {
                 caused[instance][d] = Some(k);
             }
@@ -634,10 +640,9 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_vers
     while started.elapsed() < RUN {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(800..2000))).await;
         let began = Instant::now();
-        let started = listener_sessions(&db, clock, true).await;
+        let started = kill_listeners(&db, clock).await;
         kills.push(Kill { began, started });
     }
-    let killed: usize = kills.iter().map(|k| k.started.len()).sum();
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
@@ -646,7 +651,31 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_vers
     for r in readers {
         observations.extend(r.await.unwrap());
     }
-    let alive = listener_sessions(&db, clock, false).await;
+    // A last kill ends the sessions the last lookups ran on, so that their starts are known
+    // too. Once both listeners report synced again, their collectors have every event of it
+    // queued (the listener publishes `Connected` before it reports the state).
+    let mut before = Vec::new();
+    for instance in &instances {
+        assert!(instance.wait_synced(Duration::from_secs(10)).await);
+        before.push(instance.listener.stats().reconnects.load(Ordering::Relaxed));
+    }
+    let last = Instant::now();
+    kills.push(Kill {
+        began: last,
+        started: kill_listeners(&db, clock).await,
+    });
+    for (instance, before) in instances.iter().zip(before) {
+        eventually(
+            Duration::from_secs(10),
+            "reconnected after the last kill",
+            || async {
+                instance.listener.stats().reconnects.load(Ordering::Relaxed) > before
+                    && instance.listener.state().is_synced()
+            },
+        )
+        .await;
+    }
+    let killed: usize = kills.iter().map(|k| k.started.len()).sum();
     let mut logs = Vec::new();
     for (stop, collector) in collectors {
         let _ = stop.send(());
@@ -689,7 +718,7 @@ async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_vers
     let floors: Vec<Floors> = logs
         .iter()
         .zip(&caused)
-        .map(|(log, caused)| Floors::from_events(log, &timelines, &kills, caused, &alive))
+        .map(|(log, caused)| Floors::from_events(log, &timelines, &kills, caused))
         .collect();
 
     let mut sources: HashMap<(usize, &str), u64> = HashMap::new();
