@@ -358,10 +358,47 @@ where
     }
 }
 
+/// A barrier for an instance's listener: commits a change of `user_id` (a user the test leaves
+/// alone otherwise) and waits until the listener has applied it. The listener handles
+/// notifications in delivery (= commit) order, so by then it has handled every notification of
+/// every transaction that committed before this call, and whatever they did (or did not do) to
+/// the cache has happened.
+///
+/// Waits for the listener's own `Changed` event: a lookup (which loads and caches the row
+/// itself) or a peek at the cache could pass before the listener got there.
+pub async fn listener_barrier(db: &TestDb, instance: &Instance, user_id: i64) {
+    use rolecache::cache::CacheEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = instance.cache.subscribe();
+    db.sql(&format!(
+        "INSERT INTO users (user_id) VALUES ({user_id}) ON CONFLICT (user_id) DO UPDATE
+         SET role = CASE users.role WHEN 'user' THEN 'banned' ELSE 'user' END"
+    ))
+    .await;
+    let applied = async {
+        loop {
+            match events.recv().await {
+                Ok(CacheEvent::Changed { user_id: u, .. }) if u == user_id => return,
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => panic!("barrier: missed {n} events"),
+                Err(RecvError::Closed) => panic!("barrier: the cache is gone"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), applied)
+        .await
+        .unwrap_or_else(|_| panic!("barrier: user {user_id}'s change not applied within 10 s"));
+}
+
+/// The channel of [`RawListener::barrier`]'s markers (nothing else uses it).
+const MARKER_CHANNEL: &str = "rolecache_test_marker";
+
 /// A bare LISTEN session on `role_changes` that collects raw payloads (the physical floor).
 pub struct RawListener {
     _client: Client,
-    payloads: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// (channel, payload), in delivery (= commit) order.
+    payloads: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    markers: u64,
 }
 
 impl RawListener {
@@ -373,36 +410,62 @@ impl RawListener {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
                 if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    if tx.send(n.payload().to_string()).is_err() {
+                    let received = (n.channel().to_string(), n.payload().to_string());
+                    if tx.send(received).is_err() {
                         return;
                     }
                 }
             }
         });
         client
-            .batch_execute("LISTEN role_changes")
+            .batch_execute(&format!("LISTEN role_changes; LISTEN {MARKER_CHANNEL}"))
             .await
             .expect("LISTEN");
         RawListener {
             _client: client,
             payloads,
+            markers: 0,
         }
     }
 
-    /// The next payload, if one arrives within `limit`.
+    /// The next `role_changes` payload, if one arrives within `limit`.
     pub async fn next_within(&mut self, limit: Duration) -> Option<String> {
-        tokio::time::timeout(limit, self.payloads.recv())
-            .await
-            .ok()
-            .flatten()
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (channel, payload) = tokio::time::timeout_at(deadline, self.payloads.recv())
+                .await
+                .ok()
+                .flatten()?;
+            if channel == "role_changes" {
+                return Some(payload);
+            }
+        }
     }
 
-    /// Every payload that arrives until none has come for `quiet`.
-    pub async fn drain(&mut self, quiet: Duration) -> Vec<String> {
-        let mut all = Vec::new();
-        while let Some(p) = self.next_within(quiet).await {
-            all.push(p);
+    /// A barrier: commits a marker notification on a new session and returns every
+    /// `role_changes` payload delivered before it. Notifications are delivered in commit order,
+    /// so these are all the payloads of every transaction that committed before this call: an
+    /// empty answer means the statements run before sent nothing, with no waiting on a clock.
+    pub async fn barrier(&mut self, db: &TestDb) -> Vec<String> {
+        self.markers += 1;
+        let marker = format!("marker {}", self.markers);
+        db.client()
+            .await
+            .execute("SELECT pg_notify($1, $2)", &[&MARKER_CHANNEL, &marker])
+            .await
+            .expect("send the marker");
+        let mut before = Vec::new();
+        loop {
+            let (channel, payload) =
+                tokio::time::timeout(Duration::from_secs(10), self.payloads.recv())
+                    .await
+                    .expect("the marker arrives within 10 s")
+                    .expect("the raw listener is alive");
+            match channel.as_str() {
+                MARKER_CHANNEL if payload == marker => return before,
+                "role_changes" => before.push(payload),
+                _ => {}
+            }
         }
-        all
     }
 }

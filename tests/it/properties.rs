@@ -14,7 +14,7 @@ use rolecache::listener::payload::{parse, Payload, RowChange, RowOp, MAX_BATCH_C
 use rolecache::{Role, RoleCache, RoleState};
 use serde_json::{json, Value};
 
-use crate::harness::TestDb;
+use crate::harness::{RawListener, TestDb};
 
 /// Cases per property: the default unless `PROPTEST_CASES` says otherwise.
 fn cases(default: u32) -> u32 {
@@ -420,58 +420,26 @@ fn take_statement(received: &mut VecDeque<Payload>, expect: &Expect) -> Result<(
     }
 }
 
-/// A session that LISTENs on `role_changes` and a marker channel, collecting (channel, payload).
-async fn raw_listener(
-    db: &TestDb,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-) {
-    use futures_util::StreamExt;
-    let (client, mut connection) = db
-        .config()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
-            }
-        }
-    });
-    client
-        .batch_execute("LISTEN role_changes; LISTEN roundtrip_marker")
-        .await
-        .unwrap();
-    (client, rx)
-}
-
 #[test]
 fn every_payload_the_triggers_send_parses_back_to_the_statements_changes() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (db, writer, _listen, mut rx) = rt.block_on(async {
+    let (db, writer, mut raw) = rt.block_on(async {
         let db = TestDb::new().await;
         let writer = db.client().await;
-        let (listen, rx) = raw_listener(&db).await;
-        (db, writer, listen, rx)
+        let raw = RawListener::start(&db).await;
+        (db, writer, raw)
     });
-    let case = std::cell::Cell::new(0u64);
-    let rx = std::cell::RefCell::new(&mut rx);
+    let raw = std::cell::RefCell::new(&mut raw);
     let mut runner = proptest::test_runner::TestRunner::new(config(24));
     let strategy = (
         prop::collection::vec(statement(), 1..12),
         proptest::sample::select(vec![1i64, 3, 10, 64, 65, 100, 10_000]),
     );
     let result = runner.run(&strategy, |(statements, threshold)| {
-        case.set(case.get() + 1);
-        let case = case.get();
-        let mut rx = rx.borrow_mut();
+        let mut raw = raw.borrow_mut();
         rt.block_on(async {
             writer
                 .batch_execute(&format!(
@@ -487,37 +455,19 @@ fn every_payload_the_triggers_send_parses_back_to_the_statements_changes() {
                 ))
                 .await
                 .unwrap();
-            writer
-                .execute("SELECT pg_notify('roundtrip_marker', $1)", &[&format!("start {case}")])
-                .await
-                .unwrap();
+            // A barrier: what the seeding sent is not this case's.
+            raw.barrier(&db).await;
             let mut expected = Vec::new();
             for stmt in &statements {
                 expected.push(run(&writer, stmt, threshold).await);
             }
-            writer
-                .execute("SELECT pg_notify('roundtrip_marker', $1)", &[&format!("end {case}")])
-                .await
-                .unwrap();
-            // Everything between this case's markers, in delivery (= commit) order.
+            // Everything the statements sent, in delivery (= commit) order.
             let mut received = VecDeque::new();
-            let mut started = false;
-            loop {
-                let (channel, payload) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                    .await
-                    .expect("payloads arrive")
-                    .expect("listener alive");
-                match (channel.as_str(), started) {
-                    ("roundtrip_marker", _) if payload == format!("start {case}") => started = true,
-                    ("roundtrip_marker", true) if payload == format!("end {case}") => break,
-                    ("role_changes", true) => {
-                        prop_assert!(payload.len() < 8000, "payload of {} bytes", payload.len());
-                        match parse(&payload) {
-                            Ok(p) => received.push_back(p),
-                            Err(e) => prop_assert!(false, "trigger payload refused: {e}: {payload}"),
-                        }
-                    }
-                    _ => {}
+            for payload in raw.barrier(&db).await {
+                prop_assert!(payload.len() < 8000, "payload of {} bytes", payload.len());
+                match parse(&payload) {
+                    Ok(p) => received.push_back(p),
+                    Err(e) => prop_assert!(false, "trigger payload refused: {e}: {payload}"),
                 }
             }
             for expect in &expected {

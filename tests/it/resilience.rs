@@ -96,7 +96,9 @@ async fn listener_killed_while_roles_change_serves_nothing_stale_and_converges()
                             let v = applied.entry(user_id).or_insert(0);
                             *v = (*v).max(version);
                         }
-                        Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                        Ok(_) => {}
+                        // A lost event would lower the floor: the check would weaken silently.
+                        Err(TryRecvError::Lagged(n)) => panic!("the checker missed {n} events"),
                         Err(_) => break,
                     }
                 }
@@ -237,7 +239,16 @@ async fn disabled_trigger_means_bypass_until_enabled_always() {
     // Plain ENABLE fires only in origin sessions (not for pg_restore): still not trusted.
     db.sql("ALTER TABLE users ENABLE TRIGGER rolecache_notify_update")
         .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // A barrier: two trigger checks reported after the ENABLE committed; the second began after
+    // the first was reported, so it read the catalog as the ENABLE left it.
+    let mut state = instance.listener.state_receiver();
+    state.borrow_and_update();
+    for _ in 0..2 {
+        tokio::time::timeout(SOON, state.changed())
+            .await
+            .expect("the listener checks its triggers")
+            .expect("listener alive");
+    }
     let ListenerState::TriggersBroken { reason } = instance.listener.state() else {
         panic!("trusted a trigger that replica sessions skip")
     };

@@ -10,7 +10,7 @@ use rolecache::{Role, RoleCache};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use crate::harness::{connect, eventually, fast_options, TestDb};
+use crate::harness::{connect, eventually, fast_options, listener_barrier, TestDb};
 
 const LEAST_PRIVILEGE_SQL: &str = include_str!("../../docs/least-privilege.sql");
 
@@ -86,11 +86,7 @@ async fn a_notification_forged_by_anyone_who_can_connect_changes_no_role() {
         .await
         .unwrap();
     // Barrier: a real change made after the forgery has been applied.
-    db.sql("INSERT INTO users (user_id) VALUES (8)").await;
-    eventually(Duration::from_secs(5), "real change applied", || async {
-        instance.cache.peek(8).await.and_then(|s| s.role) == Some(Role::User)
-    })
-    .await;
+    listener_barrier(&db, &instance, 8).await;
     let seven = instance.lookup(7).await.unwrap();
     assert_eq!(
         seven.state.role,
