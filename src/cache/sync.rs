@@ -4,7 +4,7 @@
 //!
 //! They live apart from moka so that loom can check them: built with
 //! `RUSTFLAGS="--cfg rolecache_loom"` the atomics come from `loom::sync` and the `loom_tests`
-//! below explore every interleaving (and every value the memory model lets a load see) of a
+//! below explore every interleaving (and the older values loom lets a load see) of a
 //! load, a re-read, a resync and a lookup. moka cannot run under loom, so those tests model the
 //! store as moka behaves where it matters: writes decided under a per-key lock that a flush does
 //! not take. The decision itself is the real [`rule::decide`].
