@@ -32,7 +32,7 @@
 //! the database and write nothing.
 
 use std::future::{ready, Future};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,9 @@ use tokio::sync::broadcast;
 
 use crate::role::{Role, RoleState, RoleVersion, RowChange, RowOp, UserId};
 use rule::{Decision, Writer};
+use sync::{Striped, SyncState};
+
+mod sync;
 
 pub use rule::{Epoch, Slot};
 
@@ -404,35 +407,6 @@ pub struct Lookup {
     pub source: Source,
 }
 
-/// A counter striped over cache lines, so that lookups on several cores do not fight over one
-/// line: each thread adds to its own stripe, readers sum them.
-#[derive(Default)]
-struct Striped([Stripe; STRIPES]);
-
-const STRIPES: usize = 16;
-
-#[derive(Default)]
-#[repr(align(64))]
-struct Stripe(AtomicU64);
-
-thread_local! {
-    static STRIPE: usize = {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES
-    };
-}
-
-impl Striped {
-    fn incr(&self) {
-        let stripe = STRIPE.with(|s| *s);
-        self.0[stripe].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn sum(&self) -> u64 {
-        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
-    }
-}
-
 #[derive(Default)]
 struct Counters {
     hits: Striped,
@@ -505,10 +479,8 @@ pub struct RoleCache {
 
 struct Inner {
     entries: moka::future::Cache<UserId, Slot>,
-    epoch: AtomicU64,
-    synced: AtomicBool,
-    /// Re-read rows applied by the listener, ever; see [`WriteOutcome::Dropped`].
-    changes_seen: AtomicU64,
+    /// The epoch, the synced flag and the re-read counter (checked with loom in `sync`).
+    sync: SyncState,
     counters: Counters,
     events: broadcast::Sender<CacheEvent>,
 }
@@ -523,9 +495,7 @@ impl RoleCache {
                 entries: moka::future::Cache::builder()
                     .max_capacity(max_entries)
                     .build(),
-                epoch: AtomicU64::new(0),
-                synced: AtomicBool::new(false),
-                changes_seen: AtomicU64::new(0),
+                sync: SyncState::new(),
                 counters: Counters::default(),
                 events,
             }),
@@ -534,11 +504,11 @@ impl RoleCache {
 
     /// Whether cached roles are served (the listener is connected and the triggers verified).
     pub fn is_synced(&self) -> bool {
-        self.inner.synced.load(Ordering::Acquire)
+        self.inner.sync.is_synced()
     }
 
     pub fn epoch(&self) -> Epoch {
-        self.inner.epoch.load(Ordering::Acquire)
+        self.inner.sync.epoch()
     }
 
     /// The cached state of `user_id`, if it is cached, current and the cache is synced.
@@ -556,10 +526,7 @@ impl RoleCache {
 
     /// Like [`RoleCache::get`] without touching the statistics.
     pub async fn peek(&self, user_id: UserId) -> Option<RoleState> {
-        if !self.is_synced() {
-            return None;
-        }
-        let epoch = self.epoch();
+        let epoch = self.inner.sync.serving_epoch()?;
         let slot = self.inner.entries.get(&user_id).await?;
         (slot.epoch == epoch).then_some(slot.state)
     }
@@ -604,12 +571,7 @@ impl RoleCache {
     /// Call before querying the database for a row that will be passed to
     /// [`RoleCache::store_load`].
     pub fn begin_load(&self) -> LoadTicket {
-        LoadTicket {
-            // Read `changes_seen` before the epoch: a resync in between only makes the ticket
-            // older, never newer.
-            changes_seen: self.inner.changes_seen.load(Ordering::Acquire),
-            epoch: self.epoch(),
-        }
+        self.inner.sync.ticket()
     }
 
     /// Caches a row loaded from the database under the write rule.
@@ -645,7 +607,7 @@ impl RoleCache {
     ) -> WriteOutcome {
         // Before the write: a load whose ticket predates this bump and that finds the key
         // absent afterwards is dropped (rule 4 of [`rule::decide`]).
-        self.inner.changes_seen.fetch_add(1, Ordering::AcqRel);
+        self.inner.sync.note_reread();
         // Not gated by version (rule 3): a row deleted and inserted again may carry a lower
         // version than the one cached, and this read is newer than anything cached.
         let state = found.unwrap_or(RoleState::deleted(0));
@@ -691,7 +653,7 @@ impl RoleCache {
 
     /// The single write path (invariant 1): [`rule::decide`] under moka's per-key lock.
     async fn write(&self, user_id: UserId, new: Slot, writer: Writer) -> WriteOutcome {
-        if new.epoch != self.epoch() {
+        if !self.inner.sync.admits(new.epoch) {
             return WriteOutcome::OldEpoch;
         }
         let inner = &self.inner;
@@ -700,13 +662,9 @@ impl RoleCache {
             .entries
             .entry(user_id)
             .and_compute_with(|existing| {
-                let decision = rule::decide(
-                    inner.epoch.load(Ordering::Acquire),
-                    existing.map(|e| e.into_value()),
-                    new,
-                    writer,
-                    inner.changes_seen.load(Ordering::Acquire),
-                );
+                let decision = inner
+                    .sync
+                    .decide(existing.map(|e| e.into_value()), new, writer);
                 let op = match decision {
                     Decision::Put => Op::Put(new),
                     Decision::Remove => Op::Remove,
@@ -732,7 +690,7 @@ impl RoleCache {
 
     /// Flushes every cached role and starts a new epoch. Returns the new epoch.
     pub fn resync(&self, reason: ResyncReason) -> Epoch {
-        let epoch = self.inner.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let epoch = self.inner.sync.bump_epoch();
         self.inner.entries.invalidate_all();
         self.inner.counters.resyncs[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.publish(CacheEvent::Resync { reason });
@@ -743,23 +701,21 @@ impl RoleCache {
     /// first sync, when nothing was served from the cache yet but the bot may have cached its
     /// own writes.
     pub fn flush_quietly(&self) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.sync.bump_epoch();
         self.inner.entries.invalidate_all();
     }
 
     /// Starts serving cached roles (called by the listener once LISTEN is in place, the
     /// triggers are verified and the cache was flushed).
     pub fn mark_synced(&self) {
-        self.inner.synced.store(true, Ordering::Release);
+        self.inner.sync.mark_synced();
         self.publish(CacheEvent::Connected);
     }
 
     /// Stops serving cached roles: lookups read the database until the next
     /// [`RoleCache::mark_synced`]. Bumps the epoch so that no load running now is cached.
     pub fn mark_unsynced(&self, error: impl Into<String>) {
-        let was_synced = self.inner.synced.swap(false, Ordering::AcqRel);
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        if was_synced {
+        if self.inner.sync.mark_unsynced() {
             self.publish(CacheEvent::Disconnected {
                 error: error.into(),
             });
