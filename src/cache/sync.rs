@@ -2,8 +2,8 @@
 //! the striped hit/miss counters, with every operation [`RoleCache`](super::RoleCache) performs
 //! on them.
 //!
-//! They live apart from moka so that loom can check them: built with
-//! `RUSTFLAGS="--cfg rolecache_loom"` the atomics come from `loom::sync` and the `loom_tests`
+//! They live apart from moka so that loom can check them: built with the internal `loom`
+//! feature the atomics come from `loom::sync` and the `loom_tests`
 //! below explore every interleaving (and the older values loom lets a load see) of a
 //! load, a re-read, a resync and a lookup. moka cannot run under loom, so those tests model the
 //! store as moka behaves where it matters: writes decided under a per-key lock that a flush does
@@ -19,9 +19,9 @@
 //!   counter under the per-key lock, so a load that read the row before the re-read is dropped.
 //! * The striped counters need only atomic increments: `join` orders them before the sum.
 
-#[cfg(rolecache_loom)]
+#[cfg(feature = "loom")]
 use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-#[cfg(not(rolecache_loom))]
+#[cfg(not(feature = "loom"))]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::rule::{self, Decision, Epoch, Slot, Writer};
@@ -122,16 +122,16 @@ impl SyncState {
 pub(super) struct Striped([Stripe; STRIPES]);
 
 /// Under loom, fewer stripes than the model has threads, so that two threads share one.
-#[cfg(not(rolecache_loom))]
+#[cfg(not(feature = "loom"))]
 const STRIPES: usize = 16;
-#[cfg(rolecache_loom)]
+#[cfg(feature = "loom")]
 const STRIPES: usize = 2;
 
 #[derive(Default)]
 #[repr(align(64))]
 struct Stripe(AtomicU64);
 
-#[cfg(not(rolecache_loom))]
+#[cfg(not(feature = "loom"))]
 std::thread_local! {
     static STRIPE: usize = {
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -139,12 +139,12 @@ std::thread_local! {
     };
 }
 
-#[cfg(rolecache_loom)]
+#[cfg(feature = "loom")]
 loom::lazy_static! {
     static ref NEXT_STRIPE: AtomicU64 = AtomicU64::new(0);
 }
 
-#[cfg(rolecache_loom)]
+#[cfg(feature = "loom")]
 loom::thread_local! {
     static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) as usize % STRIPES;
 }
@@ -161,5 +161,5 @@ impl Striped {
     }
 }
 
-#[cfg(all(test, rolecache_loom))]
+#[cfg(all(test, feature = "loom"))]
 mod loom_tests;

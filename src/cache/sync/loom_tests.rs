@@ -1,8 +1,7 @@
 //! loom tests of [`SyncState`] and [`Striped`]: every interleaving of a load, a re-read, a
 //! resync and a lookup on one user, with the real write rule.
 //!
-//! Run with `RUSTFLAGS="--cfg rolecache_loom" cargo test --release --lib --target-dir
-//! target/loom cache::sync::loom_tests` (tests/README.md).
+//! Run with `cargo test --features loom --lib cache::sync::loom_tests` (tests/README.md).
 //!
 //! moka cannot run under loom, so [`World`] models one user's entry as moka behaves where it
 //! matters: a write runs its decision under the per-key lock of `and_compute_with`, and the
