@@ -14,6 +14,7 @@ mod pgbouncer;
 mod propagation;
 mod properties;
 mod races;
+mod refill;
 mod resilience;
 mod schema;
 mod security;
