@@ -36,6 +36,8 @@ pub struct RecoveryResult {
     pub select_all_ms: f64,
     pub refill: RecoveryRun,
     pub cold: RecoveryRun,
+    /// From the flush to the refill's end with no lookup running: the refill's own floor.
+    pub refill_alone_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -61,11 +63,14 @@ pub async fn run(db: &BenchDb, config: &RecoveryConfig) -> anyhow::Result<Recove
     let refill = one(db, config, RefillConfig::default()).await?;
     super::progress("recovery: cold");
     let cold = one(db, config, RefillConfig::off()).await?;
+    super::progress("recovery: refill without lookups");
+    let refill_alone_ms = alone(db).await?;
     Ok(RecoveryResult {
         users: config.users,
         select_all_ms,
         refill,
         cold,
+        refill_alone_ms,
     })
 }
 
@@ -84,11 +89,11 @@ async fn select_all_ms(db: &BenchDb) -> anyhow::Result<f64> {
     Ok(best)
 }
 
-async fn one(
+/// An instance with every user cached, and the statement that flushes it.
+async fn cached_instance(
     db: &BenchDb,
-    config: &RecoveryConfig,
     refill: RefillConfig,
-) -> anyhow::Result<RecoveryRun> {
+) -> anyhow::Result<(Arc<Instance>, tokio_postgres::Client)> {
     let options = InstanceOptions {
         pool_size: TASKS + 2,
         ..InstanceOptions::default()
@@ -116,19 +121,60 @@ async fn one(
         let state = RoleState::present(row.get::<_, &str>(1).parse()?, row.get(2));
         instance.cache.store_load(row.get(0), state, ticket).await;
     }
-    // Every version the bulk UPDATE draws is above this one.
+    Ok((instance, client))
+}
+
+/// Over the bulk threshold whatever the number of users: one marker, one flush.
+const BULK_UPDATE: &str = "SET rolecache.bulk_threshold = 1000;
+     UPDATE users SET role = CASE role WHEN 'user' THEN 'admin' ELSE 'user' END";
+
+/// Flush to the refill's end, with nothing else running.
+async fn alone(db: &BenchDb) -> anyhow::Result<f64> {
+    let (instance, client) = cached_instance(db, RefillConfig::default()).await?;
+    let refill = &instance.listener.stats().refill;
+    let completed = refill.completed.load(Ordering::Relaxed);
+    let resyncs = instance.cache.stats_counters().resyncs;
+    client.batch_execute(BULK_UPDATE).await?;
+    let mut flushed = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "the refill did not complete");
+        if flushed.is_none() && instance.cache.stats_counters().resyncs > resyncs {
+            flushed = Some(Instant::now());
+        }
+        if refill.completed.load(Ordering::Relaxed) > completed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let done = Instant::now();
+    let ms = (done - flushed.unwrap_or(done)).as_secs_f64() * 1e3;
+    if let Ok(instance) = Arc::try_unwrap(instance) {
+        instance.shutdown().await;
+    }
+    Ok(ms)
+}
+
+async fn one(
+    db: &BenchDb,
+    config: &RecoveryConfig,
+    refill: RefillConfig,
+) -> anyhow::Result<RecoveryRun> {
+    let (instance, client) = cached_instance(db, refill).await?; // Every version the bulk UPDATE draws is above this one.
     let before: i64 = client
         .query_one("SELECT coalesce(max(role_version), 0) FROM users", &[])
         .await?
         .get(0);
     let zipf = Zipf::new(config.users, 1.0);
+    // Popularity is not id order: ranks map to ids through a fixed shuffle, so that a refill
+    // that goes in id order gets no head start on the hot keys.
+    let mut ids: Vec<UserId> = (1..=config.users as UserId).collect();
+    fastrand::Rng::with_seed(42).shuffle(&mut ids);
     let keys: Arc<Vec<Vec<UserId>>> = Arc::new(
         (0..TASKS)
             .map(|seed| {
                 let mut rng = fastrand::Rng::with_seed(seed as u64 + 1);
-                (0..1 << 18)
-                    .map(|_| (zipf.sample(&mut rng) + 1) as UserId)
-                    .collect()
+                (0..1 << 18).map(|_| ids[zipf.sample(&mut rng)]).collect()
             })
             .collect(),
     );
@@ -152,13 +198,7 @@ async fn one(
         .refill
         .queries
         .load(Ordering::Relaxed);
-    // Over the bulk threshold whatever the number of users: one marker, one flush.
-    client
-        .batch_execute(
-            "SET rolecache.bulk_threshold = 1000;
-             UPDATE users SET role = CASE role WHEN 'user' THEN 'admin' ELSE 'user' END",
-        )
-        .await?;
+    client.batch_execute(BULK_UPDATE).await?;
     let flushed = flushed.await??;
 
     // Lookups from the flush on, counted per source, until a window is 99% hits.

@@ -20,7 +20,6 @@
 //!   parks the remaining keys until the reconnect's flush asks again.
 //! * It stops with the listener: the listener owns the task and aborts it when it is dropped.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -166,7 +165,11 @@ impl Refill {
                 while let Ok(more) = requests.try_recv() {
                     pending.extend(more);
                 }
-                let keys = dedup(std::mem::take(&mut pending));
+                // In id order, without repeats: each batch is then a walk along the primary
+                // key's index.
+                let mut keys = std::mem::take(&mut pending);
+                keys.sort_unstable();
+                keys.dedup();
                 if keys.is_empty() {
                     break;
                 }
@@ -339,22 +342,5 @@ impl Refill {
             }
         }
         Ok(found)
-    }
-}
-
-/// `keys` without repeats, in first-seen order.
-fn dedup(keys: Vec<UserId>) -> Vec<UserId> {
-    let mut seen = HashSet::with_capacity(keys.len());
-    keys.into_iter().filter(|k| seen.insert(*k)).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_keeps_first_seen_order() {
-        assert_eq!(dedup(vec![3, 1, 3, 2, 1]), vec![3, 1, 2]);
-        assert!(dedup(Vec::new()).is_empty());
     }
 }
