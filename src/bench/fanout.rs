@@ -50,6 +50,9 @@ pub struct FanoutResult {
     pub commits_per_s: f64,
     /// The same with no listener: the mean of a measurement just before and one just after.
     pub commits_per_s_no_listeners: f64,
+    /// The two measurements of that mean.
+    pub commits_per_s_no_listeners_before: f64,
+    pub commits_per_s_no_listeners_after: f64,
 }
 
 pub async fn run(db: &BenchDb, config: &FanoutConfig) -> anyhow::Result<Vec<FanoutResult>> {
@@ -123,7 +126,7 @@ async fn one(db: &BenchDb, config: &FanoutConfig, n: usize) -> anyhow::Result<Fa
         instance.shutdown().await;
     }
     // The baseline on both sides of the measurement with listeners: the machine is shared.
-    let commits_none = (commits_none + commits_per_s(db, config).await?) / 2.0;
+    let commits_none_after = commits_per_s(db, config).await?;
 
     // N bare LISTEN sessions on the same kind of change.
     let mut raws = Vec::with_capacity(n);
@@ -157,7 +160,9 @@ async fn one(db: &BenchDb, config: &FanoutConfig, n: usize) -> anyhow::Result<Fa
         raw_p50_us: us(raw_h.quantile(0.5)),
         raw_p99_us: us(raw_h.quantile(0.99)),
         commits_per_s: commits_n,
-        commits_per_s_no_listeners: commits_none,
+        commits_per_s_no_listeners: (commits_none + commits_none_after) / 2.0,
+        commits_per_s_no_listeners_before: commits_none,
+        commits_per_s_no_listeners_after: commits_none_after,
     })
 }
 
