@@ -765,6 +765,12 @@ impl RoleCache {
         }
     }
 
+    /// The keys the cache holds now, whatever their epoch: what a refill re-reads after a
+    /// flush (take it before the flush: moka's `invalidate_all` hides them at once).
+    pub fn held_keys(&self) -> Vec<UserId> {
+        self.inner.entries.iter().map(|(key, _)| *key).collect()
+    }
+
     /// Runs moka's pending maintenance so that `entries` in [`RoleCache::stats`] is exact.
     pub async fn run_pending_tasks(&self) {
         self.inner.entries.run_pending_tasks().await;

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::cache::{Lookup, RoleCache};
 use crate::db::{self, DbConfig, Endpoints, RepoError, Repository};
+use crate::listener::refill::RefillConfig;
 use crate::listener::{Listener, ListenerConfig, ListenerHandle};
 use crate::role::UserId;
 
@@ -44,6 +45,16 @@ impl Instance {
         options: &InstanceOptions,
         cache: RoleCache,
     ) -> anyhow::Result<Instance> {
+        Instance::start_with_refill(pg, options, cache, RefillConfig::default()).await
+    }
+
+    /// [`Instance::start`] with the refill after a flush tuned (or turned off).
+    pub async fn start_with_refill(
+        pg: impl Into<Endpoints>,
+        options: &InstanceOptions,
+        cache: RoleCache,
+        refill: RefillConfig,
+    ) -> anyhow::Result<Instance> {
         let pg: Endpoints = pg.into();
         migrate(&pg.direct).await?;
         let pool = db::pool(&pg.pool, options.pool_size);
@@ -53,6 +64,7 @@ impl Instance {
             cache.clone(),
             options.listener.clone(),
         )
+        .with_refill(refill)
         .spawn();
         Ok(Instance {
             repo: Repository::new(pool),

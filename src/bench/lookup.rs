@@ -1,6 +1,8 @@
 //! `lookup`: role lookups with a Zipf(1.0) key distribution from several tasks while a writer
 //! changes one random role every 10 ms by plain SQL; the same load against `no_cache`, `ttl`
-//! (moka with a 5-minute time-to-live) and `event` (this project).
+//! (moka with a 5-minute time-to-live), `moka` (a bare `moka::future::Cache` `get` of the same
+//! keys, never refreshed: the floor of a lookup's cost, not a way to serve roles) and `event`
+//! (this project).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,11 +45,14 @@ pub struct StrategyResult {
     pub role_changes: u64,
 }
 
-/// The three ways of answering "what is this user's role".
+/// The ways of answering "what is this user's role".
 #[derive(Clone)]
 enum Strategy {
     NoCache(Repository),
     Ttl(Repository, moka::future::Cache<UserId, RoleState>),
+    /// A bare moka `get`, filled once and never refreshed: what the event cache's own code
+    /// (synced flag, epoch, counters) adds to a lookup is measured against it.
+    Moka(moka::future::Cache<UserId, RoleState>),
     Event(Arc<Instance>),
 }
 
@@ -56,6 +61,7 @@ impl Strategy {
         match self {
             Strategy::NoCache(_) => "no_cache",
             Strategy::Ttl(..) => "ttl",
+            Strategy::Moka(_) => "moka",
             Strategy::Event(_) => "event",
         }
     }
@@ -77,6 +83,7 @@ impl Strategy {
                         Err(e) => RepoError::CorruptRole(crate::role::UnknownRole(e.to_string())),
                     })
             }
+            Strategy::Moka(cache) => Ok(cache.get(&id).await.unwrap_or(RoleState::deleted(0))),
             Strategy::Event(instance) => Ok(instance.lookup(id).await?.state),
         }
     }
@@ -100,7 +107,7 @@ struct Committed {
 pub async fn run(db: &BenchDb, config: &LookupConfig) -> anyhow::Result<Vec<StrategyResult>> {
     db.seed_users(config.users).await?;
     let mut results = Vec::new();
-    for name in ["no_cache", "ttl", "event"] {
+    for name in ["no_cache", "ttl", "moka", "event"] {
         let repo = Repository::new(db.pool(config.tasks + 2));
         let (strategy, instance) = match name {
             "no_cache" => (Strategy::NoCache(repo), None),
@@ -111,12 +118,18 @@ pub async fn run(db: &BenchDb, config: &LookupConfig) -> anyhow::Result<Vec<Stra
                     .build();
                 (Strategy::Ttl(repo, cache), None)
             }
+            "moka" => {
+                let cache = moka::future::Cache::builder()
+                    .max_capacity(config.users as u64 * 2)
+                    .build();
+                (Strategy::Moka(cache), None)
+            }
             _ => {
                 let instance = Arc::new(db.instance().await?);
                 (Strategy::Event(instance.clone()), Some(instance))
             }
         };
-        tracing::info!(strategy = name, "lookup benchmark");
+        super::progress(&format!("lookup: {name}"));
         results.push(measure(db, config, strategy).await?);
         if let Some(instance) = instance {
             if let Ok(instance) = Arc::try_unwrap(instance) {
@@ -185,6 +198,7 @@ async fn measure(
             let (hits, misses) = (h1 - h0, m1 - m0);
             (misses, hits as f64 / (hits + misses).max(1) as f64)
         }
+        (Strategy::Moka(_), ..) => (0, 1.0),
         (Strategy::Ttl(..), ..) => {
             let q = queries.load(Ordering::Relaxed) - queries_before;
             (q, 1.0 - q as f64 / lookups.max(1) as f64)
@@ -328,7 +342,7 @@ async fn prime(db: &BenchDb, strategy: &Strategy) -> anyhow::Result<()> {
     let ticket = match strategy {
         Strategy::NoCache(_) => return Ok(()),
         Strategy::Event(instance) => Some(instance.cache.begin_load()),
-        Strategy::Ttl(..) => None,
+        Strategy::Ttl(..) | Strategy::Moka(_) => None,
     };
     let rows = db
         .client()
@@ -342,7 +356,9 @@ async fn prime(db: &BenchDb, strategy: &Strategy) -> anyhow::Result<()> {
             (Strategy::Event(instance), Some(ticket)) => {
                 instance.cache.store_load(id, state, ticket).await;
             }
-            (Strategy::Ttl(_, cache), _) => cache.insert(id, state).await,
+            (Strategy::Ttl(_, cache), _) | (Strategy::Moka(cache), _) => {
+                cache.insert(id, state).await
+            }
             _ => {}
         }
     }

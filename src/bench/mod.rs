@@ -3,13 +3,17 @@
 //!
 //! Sections: `lookup` (throughput, latency, queries, staleness under a steady trickle of SQL
 //! role changes), `propagation` (commit → applied), `bulk` (one UPDATE of many rows),
-//! `memory` (bytes per cached user), `e2e` (messages per second through the real dispatcher).
+//! `memory` (bytes per cached user), `e2e` (messages per second through the real dispatcher),
+//! `recovery` (back to 99% hits after a flush, with and without the refill), `fanout` (many
+//! instances on one server). Progress goes to stderr, the report to stdout.
 //! See docs/BENCHMARKS.md for the method and the numbers.
 
 pub mod e2e;
+pub mod fanout;
 pub mod lookup;
 pub mod memory;
 pub mod propagation;
+pub mod recovery;
 pub mod stats;
 
 use std::time::Duration;
@@ -27,6 +31,8 @@ pub enum Section {
     Bulk,
     Memory,
     E2e,
+    Recovery,
+    Fanout,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -42,7 +48,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "lookup,propagation,bulk,memory,e2e"
+        default_value = "lookup,propagation,bulk,memory,e2e,recovery,fanout"
     )]
     pub sections: Vec<Section>,
     /// Internal: fill one cache and print bytes per entry (used by the memory section).
@@ -67,6 +73,28 @@ pub struct Report {
     pub memory: Option<memory::MemoryResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub e2e: Option<e2e::E2eResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<recovery::RecoveryResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<Vec<fanout::FanoutResult>>,
+    /// The machine's 1-minute load average when the run ended (other work skews figures).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_average: Option<f64>,
+}
+
+/// One progress line on stderr (stdout carries only the report).
+pub fn progress(what: &str) {
+    eprintln!("bench: {what}");
+}
+
+/// The 1-minute load average, where /proc/loadavg exists.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The benchmark's own database on the server of `DATABASE_URL`.
@@ -185,6 +213,7 @@ pub async fn run(server: impl Into<crate::db::DbConfig>, args: &BenchArgs) -> an
     dropped?;
     report.quick = args.quick;
     report.optimized_build = optimized_build;
+    report.load_average = load_average();
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -198,6 +227,7 @@ async fn run_sections(db: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> 
     let users = if quick { 10_000 } else { 100_000 };
     let mut report = Report::default();
     for section in &args.sections {
+        progress(&format!("{section:?}").to_lowercase());
         match section {
             Section::Lookup => {
                 let config = lookup::LookupConfig {
@@ -228,6 +258,26 @@ async fn run_sections(db: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> 
             Section::E2e => {
                 let messages = if quick { 1_000 } else { 20_000 };
                 report.e2e = Some(e2e::run(db, 100, messages).await?);
+            }
+            Section::Recovery => {
+                let config = recovery::RecoveryConfig {
+                    users,
+                    limit: Duration::from_secs(if quick { 5 } else { 30 }),
+                };
+                report.recovery = Some(recovery::run(db, &config).await?);
+            }
+            Section::Fanout => {
+                let config = fanout::FanoutConfig {
+                    users,
+                    instances: if quick {
+                        vec![1, 8, 32]
+                    } else {
+                        vec![1, 8, 32, 64]
+                    },
+                    changes: if quick { 30 } else { 300 },
+                    commit_window: Duration::from_millis(if quick { 500 } else { 3_000 }),
+                };
+                report.fanout = Some(fanout::run(db, &config).await?);
             }
         }
     }
@@ -285,6 +335,13 @@ pub fn render(report: &Report) -> String {
                 out,
                 "event / no_cache lookups/s: {:.0}x",
                 event.lookups_per_s / none.lookups_per_s.max(1e-9)
+            );
+        }
+        if let (Some(event), Some(moka)) = (by("event"), by("moka")) {
+            let _ = writeln!(
+                out,
+                "event p50 / bare moka p50: {:.2}x",
+                event.p50_ns as f64 / (moka.p50_ns as f64).max(1e-9)
             );
         }
     }
@@ -359,6 +416,78 @@ pub fn render(report: &Report) -> String {
             e.msgs_per_s_db,
             e.msgs_per_s_cache / e.msgs_per_s_db.max(1e-9)
         );
+    }
+    if let Some(r) = &report.recovery {
+        let _ = writeln!(
+            out,
+            "\nrecovery ({} users cached, one bulk UPDATE of all, Zipf lookups until 99% hits)",
+            r.users
+        );
+        let _ = writeln!(
+            out,
+            "select_all_ms {:.1}; refill alone (no lookups) {:.1} ms",
+            r.select_all_ms, r.refill_alone_ms
+        );
+        let _ = writeln!(
+            out,
+            "{:<7} {:>15} {:>11} {:>15} {:>7} {:>10} {:>9}",
+            "mode",
+            "ms to 99% hits",
+            "db queries",
+            "refill queries",
+            "stale",
+            "lookups",
+            "last hit"
+        );
+        for (mode, run) in [("refill", &r.refill), ("cold", &r.cold)] {
+            let ms = run
+                .ms_to_99pct_hits
+                .map_or("not reached".to_string(), |ms| format!("{ms:.1}"));
+            let _ = writeln!(
+                out,
+                "{:<7} {:>15} {:>11} {:>15} {:>7} {:>10} {:>9.4}",
+                mode,
+                ms,
+                run.db_queries,
+                run.refill_queries,
+                run.stale_reads,
+                run.lookups,
+                run.final_hit_rate
+            );
+        }
+    }
+    if let Some(rows) = &report.fanout {
+        let _ = writeln!(
+            out,
+            "\nfanout (µs from sending a single-row UPDATE to the last of N; commits/s of 4 writers)"
+        );
+        let _ = writeln!(
+            out,
+            "{:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>13}",
+            "instances",
+            "p50 us",
+            "p99 us",
+            "raw p50 us",
+            "raw p99 us",
+            "commits/s",
+            "no listeners"
+        );
+        for f in rows {
+            let _ = writeln!(
+                out,
+                "{:>9} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>10.0} {:>13.0}",
+                f.instances,
+                f.p50_us,
+                f.p99_us,
+                f.raw_p50_us,
+                f.raw_p99_us,
+                f.commits_per_s,
+                f.commits_per_s_no_listeners
+            );
+        }
+    }
+    if let Some(load) = report.load_average {
+        let _ = writeln!(out, "\nload average (1 min) at the end: {load:.2}");
     }
     out
 }

@@ -47,7 +47,7 @@ impl RawListener {
         })
     }
 
-    async fn next(&mut self) -> anyhow::Result<(Instant, Payload)> {
+    pub(super) async fn next(&mut self) -> anyhow::Result<(Instant, Payload)> {
         let (at, text) = tokio::time::timeout(WAIT, self.payloads.recv())
             .await
             .context("raw listener received nothing")?

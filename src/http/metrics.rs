@@ -34,6 +34,11 @@ pub struct Metrics {
     ping_rtt: prometheus::Gauge,
     event_lag: Histogram,
     queue_usage: prometheus::Gauge,
+    refill_runs: IntCounter,
+    refill_queries: IntCounter,
+    refill_rows: IntCounter,
+    refill_rows_dropped: IntCounter,
+    refill_pending: IntGauge,
     /// Bot updates handled, by command and outcome (fed by the bot).
     pub updates: IntCounterVec,
     /// 1 while this instance is the polling leader (fed by the bot).
@@ -222,6 +227,31 @@ impl Metrics {
                 "pg_notification_queue_usage",
                 "pg_notification_queue_usage() of the server (0..1); -1 when it could not be read",
             ),
+            refill_runs: counter(
+                &r,
+                "refill_runs_total",
+                "Refills of the cache after a flush, started (a restart counts again)",
+            ),
+            refill_queries: counter(
+                &r,
+                "refill_queries_total",
+                "Batch queries made by refills",
+            ),
+            refill_rows: counter(
+                &r,
+                "refill_rows_total",
+                "Rows stored into the cache by refills",
+            ),
+            refill_rows_dropped: counter(
+                &r,
+                "refill_rows_dropped_total",
+                "Refill rows left cold: newer changes kept dropping them",
+            ),
+            refill_pending: gauge(
+                &r,
+                "refill_pending",
+                "Keys waiting to be refilled after the last flush",
+            ),
             updates,
             leader: gauge(&r, "leader", "1 while this instance is the polling leader"),
             webhook_requests,
@@ -336,6 +366,19 @@ impl Metrics {
             .set(listener.last_ping_rtt_us.load(Ordering::Relaxed) as f64 / 1e6);
         self.queue_usage
             .set(queue_usage(pool).await.unwrap_or(-1.0));
+        let refill = &listener.refill;
+        set_counter(&self.refill_runs, refill.runs.load(Ordering::Relaxed));
+        set_counter(&self.refill_queries, refill.queries.load(Ordering::Relaxed));
+        set_counter(
+            &self.refill_rows,
+            refill.rows_stored.load(Ordering::Relaxed),
+        );
+        set_counter(
+            &self.refill_rows_dropped,
+            refill.rows_dropped.load(Ordering::Relaxed),
+        );
+        self.refill_pending
+            .set(refill.pending.load(Ordering::Relaxed) as i64);
 
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -40,6 +40,7 @@
 //!   by design, and a server-side idle timeout would end it (and flush the cache) every time.
 
 pub mod payload;
+pub mod refill;
 pub mod triggers;
 
 use std::collections::HashMap;
@@ -58,6 +59,7 @@ use crate::cache::{ResyncReason, RoleCache, RowHint};
 use crate::db::pg_detail;
 use crate::role::{Role, RoleState, UserId};
 use payload::{Payload, RowOp};
+use refill::{RefillConfig, Refiller};
 use triggers::TriggerCheck;
 
 /// The channel the triggers notify on.
@@ -150,6 +152,8 @@ pub struct ListenerStats {
     /// Round trip of the last ping, in microseconds.
     pub last_ping_rtt_us: AtomicU64,
     pub connected: AtomicBool,
+    /// The refill after each flush (see [`refill`]).
+    pub refill: refill::RefillStats,
 }
 
 /// Why a listener session ended.
@@ -240,14 +244,19 @@ pub struct Listener {
     ping_channel: String,
     /// Ping ids never restart: they count across sessions.
     ping_ids: AtomicU64,
+    /// The pool the refill reads through, and how.
+    pool: deadpool_postgres::Pool,
+    refill: RefillConfig,
+    /// The refill task, from [`Listener::run`] on; aborted when the listener is dropped.
+    refiller: Option<Refiller>,
 }
 
 impl Listener {
-    /// A listener for the database of `pg`, on a session of its own. `_pool` is no longer used
-    /// (pings go through the listener's own session); it stays for the callers' sake.
+    /// A listener for the database of `pg`, on a session of its own. `pool` is what the refill
+    /// after a flush reads through (pings go through the listener's own session).
     pub fn new(
         pg: impl Into<crate::db::DbConfig>,
-        _pool: deadpool_postgres::Pool,
+        pool: deadpool_postgres::Pool,
         cache: RoleCache,
         config: ListenerConfig,
     ) -> Self {
@@ -268,6 +277,34 @@ impl Listener {
                 fastrand::u64(..)
             ),
             ping_ids: AtomicU64::new(0),
+            pool,
+            refill: RefillConfig::default(),
+            refiller: None,
+        }
+    }
+
+    /// How the cache is refilled after a flush ([`RefillConfig::off`] keeps it cold).
+    pub fn with_refill(mut self, refill: RefillConfig) -> Self {
+        self.refill = refill;
+        self
+    }
+
+    /// Flushes the cache into a new epoch (reporting `reason`, or quietly) and refills the keys
+    /// it held into that epoch.
+    fn flush(&self, reason: Option<ResyncReason>) {
+        // Before the flush: moka hides every entry at once when it is told to invalidate.
+        let held = match &self.refiller {
+            Some(_) => self.cache.held_keys(),
+            None => Vec::new(),
+        };
+        match reason {
+            Some(reason) => {
+                self.cache.resync(reason);
+            }
+            None => self.cache.flush_quietly(),
+        }
+        if let Some(refiller) = &self.refiller {
+            refiller.request(held);
         }
     }
 
@@ -290,6 +327,12 @@ impl Listener {
     /// Runs until `shutdown` completes, reconnecting forever.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.refiller = Refiller::spawn(
+            self.pool.clone(),
+            self.cache.clone(),
+            self.refill.clone(),
+            self.stats.clone(),
+        );
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut first = true;
         let mut attempt = 1;
@@ -317,6 +360,8 @@ impl Listener {
             }
         }
         self.stats.connected.store(false, Ordering::Release);
+        // The refill stops with the listener.
+        self.refiller = None;
         self.cache.mark_unsynced("listener stopped");
         self.set_state(ListenerState::Stopped);
     }
@@ -426,7 +471,7 @@ impl Listener {
                 capacity = self.config.queue_capacity,
                 "notification queue overflowed; dropping queued notifications and resyncing"
             );
-            self.cache.resync(ResyncReason::Overflow);
+            self.flush(Some(ResyncReason::Overflow));
         }
     }
 
@@ -483,7 +528,7 @@ impl Listener {
                     reason = reason.as_str(),
                     "flush recorded in role_resyncs; resyncing"
                 );
-                self.cache.resync(reason);
+                self.flush(Some(reason));
                 // The flush covers every row named in this drain.
                 return Ok(());
             }
@@ -651,12 +696,7 @@ impl Listener {
                 // The baseline of recorded flushes: after LISTEN, before the flush, so that a
                 // marker committed in between is covered by the flush, and later ones counted.
                 session.resyncs_seen = self.resync_count(client).await?;
-                match reason {
-                    Some(reason) => {
-                        self.cache.resync(reason);
-                    }
-                    None => self.cache.flush_quietly(),
-                }
+                self.flush(reason);
                 session.fingerprint = Some(fingerprint);
                 self.cache.mark_synced();
                 self.set_state(ListenerState::Synced);

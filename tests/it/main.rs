@@ -15,6 +15,7 @@ mod pgbouncer;
 mod propagation;
 mod properties;
 mod races;
+mod refill;
 mod resilience;
 mod schema;
 mod security;
