@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::propagation::RawListener;
+use super::propagation::{change, RawListener};
 use super::stats::Histogram;
 use super::BenchDb;
 use crate::cache::{CacheEvent, RoleCache};
@@ -164,25 +164,6 @@ async fn one(db: &BenchDb, config: &FanoutConfig, n: usize) -> anyhow::Result<Fa
         commits_per_s_no_listeners_before: commits_none,
         commits_per_s_no_listeners_after: commits_none_after,
     })
-}
-
-/// One single-row role change; returns when it was sent, the user and the version committed.
-async fn change(
-    client: &tokio_postgres::Client,
-    rng: &mut fastrand::Rng,
-    users: usize,
-) -> anyhow::Result<(Instant, UserId, RoleVersion)> {
-    let id = rng.i64(1..=users as i64);
-    let sent = Instant::now();
-    let version: RoleVersion = client
-        .query_one(
-            "UPDATE users SET role = CASE role WHEN 'user' THEN 'admin' ELSE 'user' END
-             WHERE user_id = $1 RETURNING role_version",
-            &[&id],
-        )
-        .await?
-        .get(0);
-    Ok((sent, id, version))
 }
 
 /// Every instance's applied changes, tagged with the instance's index and timestamped on

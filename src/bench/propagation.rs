@@ -112,16 +112,7 @@ pub async fn propagation(
     let (mut cache_h, mut raw_h) = (Histogram::default(), Histogram::default());
     let mut rng = fastrand::Rng::with_seed(5);
     for _ in 0..changes {
-        let id = rng.i64(1..=users as i64);
-        let sent = Instant::now();
-        let version: RoleVersion = client
-            .query_one(
-                "UPDATE users SET role = CASE role WHEN 'user' THEN 'admin' ELSE 'user' END
-                 WHERE user_id = $1 RETURNING role_version",
-                &[&id],
-            )
-            .await?
-            .get(0);
+        let (sent, id, version) = change(&client, &mut rng, users).await?;
         loop {
             let (at, p) = raw.next().await?;
             if matches!(&p, Payload::Changes { changes, .. } if changes.iter().any(|c| c.state.version == version))
@@ -268,4 +259,24 @@ async fn verify_new_roles(
         );
     }
     Ok(())
+}
+
+/// One role flip of a random user among `users`: when the UPDATE was sent, whom it changed,
+/// and the version it drew.
+pub(super) async fn change(
+    client: &tokio_postgres::Client,
+    rng: &mut fastrand::Rng,
+    users: usize,
+) -> anyhow::Result<(Instant, UserId, RoleVersion)> {
+    let id = rng.i64(1..=users as i64);
+    let sent = Instant::now();
+    let version: RoleVersion = client
+        .query_one(
+            "UPDATE users SET role = CASE role WHEN 'user' THEN 'admin' ELSE 'user' END
+             WHERE user_id = $1 RETURNING role_version",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    Ok((sent, id, version))
 }
