@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::harness::{connect, eventually, fast_options, TestDb};
+use crate::harness::{connect, eventually, fast_options, ScratchCluster, TestDb};
 
 /// A TCP proxy that can stop forwarding without closing anything: a half-open connection as
 /// the client sees it.
@@ -153,13 +153,8 @@ async fn server_restart_goes_through_bypass_and_converges() {
     if PrivateCluster::find_bin_dir().is_none() {
         panic!("this test needs PostgreSQL binaries (initdb) installed");
     }
-    let dir = std::env::temp_dir().join(format!(
-        "rolecache-fault-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let _cleanup = RemoveDir(dir.clone());
-    let mut cluster = PrivateCluster::start(&dir.join("data"), 0).expect("private cluster");
+    let mut scratch = ScratchCluster::start("fault");
+    let cluster = &mut scratch.cluster;
     let config = rolecache::db::parse_url(&cluster.url("postgres")).unwrap();
     let cache = RoleCache::new(1000);
     let instance = rolecache::instance::Instance::start(&config, &fast_options(), cache)
@@ -224,14 +219,5 @@ async fn server_restart_goes_through_bypass_and_converges() {
         .await;
     }
     instance.shutdown().await;
-    drop(cluster);
-}
-
-struct RemoveDir(std::path::PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        let _ = std::fs::remove_dir_all(self.0.with_extension("run"));
-    }
+    drop(scratch);
 }

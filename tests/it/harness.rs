@@ -321,6 +321,40 @@ impl Drop for TestDb {
     }
 }
 
+/// A private PostgreSQL cluster in a temporary directory of its own, for a test that stops or
+/// restarts its server (never the shared one). Dropping it stops the cluster, then removes the
+/// directory.
+pub struct ScratchCluster {
+    pub cluster: PrivateCluster,
+    dir: std::path::PathBuf,
+}
+
+impl ScratchCluster {
+    /// Starts one in `<temp>/rolecache-<label>-<pid>-<random>/data`.
+    pub fn start(label: &str) -> ScratchCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "rolecache-{label}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        match PrivateCluster::start(&dir.join("data"), 0) {
+            Ok(cluster) => ScratchCluster { cluster, dir },
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!("private cluster: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for ScratchCluster {
+    fn drop(&mut self) {
+        // Stopped before its directory goes (the cluster's own drop then finds it stopped).
+        let _ = self.cluster.stop(StopMode::Fast);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Listener timings short enough for tests.
 pub fn fast_options() -> InstanceOptions {
     InstanceOptions {

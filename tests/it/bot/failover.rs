@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::{whoami, BotProcess, Spawn, TOKEN};
-use crate::harness::TestDb;
+use crate::harness::{ScratchCluster, TestDb};
 use rolecache::telegram_stub::{TelegramStub, TgUser};
 
 const TOOK: &str = "took the leader lock";
@@ -164,19 +164,9 @@ struct Alone {
     process: BotProcess,
     stub: TelegramStub,
     config: tokio_postgres::Config,
-    // Dropped last: stops the cluster.
-    cluster: rolecache::embedded::PrivateCluster,
-    _dir: RemoveDir,
+    // Dropped last: stops the cluster and removes its directory.
+    cluster: ScratchCluster,
     _unused: TestDb,
-}
-
-struct RemoveDir(std::path::PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        let _ = std::fs::remove_dir_all(self.0.join("data").with_extension("run"));
-    }
 }
 
 impl Alone {
@@ -186,14 +176,8 @@ impl Alone {
             PrivateCluster::find_bin_dir().is_some(),
             "this test needs PostgreSQL binaries (initdb) installed"
         );
-        let dir = std::env::temp_dir().join(format!(
-            "rolecache-leader-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        let remove = RemoveDir(dir.clone());
-        let cluster = PrivateCluster::start(&dir.join("data"), 0).expect("private cluster");
-        let url = cluster.url("postgres");
+        let cluster = ScratchCluster::start("leader");
+        let url = cluster.cluster.url("postgres");
         let config = rolecache::db::parse_url(&url).unwrap();
         // Spawn wants a test database; the process is pointed at the cluster instead.
         let unused = TestDb::empty().await;
@@ -207,7 +191,6 @@ impl Alone {
             stub,
             config,
             cluster,
-            _dir: remove,
             _unused: unused,
         };
         let bot = alone.stub.bot(TOKEN);
@@ -317,6 +300,7 @@ async fn a_leader_that_loses_the_database_stops_polling() {
     let mut alone = Alone::start().await;
     alone
         .cluster
+        .cluster
         .stop(rolecache::embedded::StopMode::Immediate)
         .unwrap();
     alone
@@ -333,7 +317,7 @@ async fn a_leader_that_loses_the_database_stops_polling() {
     assert!(!alone.stub.bot(TOKEN).polling_now());
     assert_eq!(alone.took(), 1);
 
-    alone.cluster.start_server().unwrap();
+    alone.cluster.cluster.start_server().unwrap();
     alone
         .process
         .wait_log_count(TOOK, 2, Duration::from_secs(20))
