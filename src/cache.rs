@@ -2,20 +2,22 @@
 //!
 //! # The one write rule
 //!
-//! Every write — a row the listener re-read from `users`, or a row loaded after a miss (or
-//! committed by the bot itself) — goes through [`rule::decide`], run under moka's per-key
-//! `and_compute_with` lock:
+//! Every write — a row the listener re-read from `users`, a row loaded after a miss (or
+//! committed by the bot itself), or a row a lookup read while the cache was not synced — goes
+//! through [`rule::decide`], run under moka's per-key `and_compute_with` lock. Every writer takes
+//! a [`LoadTicket`] (the epoch and the key's change counter) **before** it reads the table, and
+//! every write bumps the key's counter when it is done:
 //!
-//! * a write from an older epoch is never applied;
-//! * a re-read that found no row removes the key (no tombstone: no version orders it right);
-//! * a re-read that found a row stores it, whatever its version: re-reads run one after another
-//!   on the listener's session, each newer than the last, while versions do not order one key's
-//!   states across a delete and a re-insert (an INSERT draws its version before it waits on the
-//!   unique key);
-//! * a load is dropped if a re-read was applied while it ran, present key or not: the re-read
-//!   (or the next miss) is newer than what the load read;
-//! * otherwise a load never lowers the version of a slot of the same epoch.
+//! * a slot is stored only by a writer whose ticket is still current: same epoch, and no other
+//!   write to the key finished since the ticket was taken. Such a writer read the table after
+//!   everything the cache stored or returned for that key before it;
+//! * any other writer removes the slot if it holds a different state: neither of the two can
+//!   be trusted to be the newer (versions do not order one key's states across a delete and a
+//!   re-insert), and the next lookup reads the table;
+//! * a re-read that found no row removes the key; a read made while the cache was not synced
+//!   never stores.
 //!
+//! So no lookup returns a state older than one the instance had already applied or returned.
 //! docs/ARCHITECTURE.md explains the rule, and `tests/model` checks it exhaustively against a
 //! model of the database and the listener.
 //!
@@ -48,11 +50,9 @@ mod sync;
 pub use rule::{Epoch, Slot};
 
 /// The write rule as one pure function: what a write does to a slot, given the cache's epoch
-/// and counter. [`RoleCache`] runs it under moka's per-key lock; a model checker can run it on
-/// its own.
+/// and the key's change counter. [`RoleCache`] runs it under moka's per-key lock; a model
+/// checker can run it on its own.
 pub mod rule {
-    use crate::role::RoleVersion;
-
     use super::WriteOutcome;
 
     /// A cache generation; bumped by every resync.
@@ -65,22 +65,17 @@ pub mod rule {
         pub epoch: Epoch,
     }
 
-    impl Slot {
-        /// The order within an epoch: version, then a tombstone after a live row.
-        fn order(&self) -> (RoleVersion, bool) {
-            (self.state.version, self.state.role.is_none())
-        }
-    }
-
-    /// Who writes.
+    /// Who writes. `changes_seen` is the key's change counter as the writer's ticket read it,
+    /// before its query started; every finished write bumps the counter.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Writer {
-        /// The listener's re-read of `users`: the newest committed state.
-        /// `state.role == None` means the row is absent (→ Remove).
-        Reread,
-        /// A load after a miss, or the bot's own committed write; `changes_seen` was read
-        /// (with the epoch) before its query started.
+        /// The listener's re-read of `users`. `state.role == None` means the row is absent.
+        Reread { changes_seen: u64 },
+        /// A load after a miss, or the bot's own committed write.
         Load { changes_seen: u64 },
+        /// A lookup's read while the cache was not synced: returned to its caller, never
+        /// stored.
+        Bypass,
     }
 
     /// What to do with the slot.
@@ -88,7 +83,7 @@ pub mod rule {
     pub enum Decision {
         /// Store `new`.
         Put,
-        /// Remove the key (a re-read found no row).
+        /// Remove the key.
         Remove,
         /// Leave the slot as it is, for the reason given.
         Keep(WriteOutcome),
@@ -96,25 +91,21 @@ pub mod rule {
 
     /// The write rule. `current_epoch`: the cache's epoch now; `existing`: the slot stored now
     /// (if any); `new.epoch`: the epoch read before the writer's query started;
-    /// `changes_seen_now`: the cache's counter of re-reads applied, now.
+    /// `changes_seen_now`: the key's change counter now.
     ///
-    /// Versions order the states of one live row, but not one key's states across a delete and
-    /// a re-insert: an INSERT draws its version before it waits on the unique key, so a row
-    /// re-inserted later can carry a lower version than the one deleted before it (the protocol
-    /// model in `tests/model` found both ways this goes wrong when versions are trusted there).
-    /// So the listener's re-reads, which run one after another on one session and each see a
-    /// later committed state than the one before, are not gated by version; loads are gated by
-    /// the re-read counter. In order:
-    /// 1. a write from another epoch is never applied (a flush happened while it ran);
-    /// 2. a re-read that found no row removes the key: the row is gone now (no tombstone: it
-    ///    would need a version to order it, and there is none that orders it right);
-    /// 3. a re-read that found a row stores it, unless the slot already holds exactly that state;
-    /// 4. a load is dropped if any re-read was applied since its ticket, whether or not the key
-    ///    is present: the row may have changed after the load read it, and the re-read (or the
-    ///    next miss) is newer;
-    /// 5. otherwise a load never replaces a slot of the same epoch with a lower or equal
-    ///    (version, tombstone): between two re-reads, two loads of one live row are ordered by
-    ///    its version.
+    /// A writer is *current* when its epoch is the cache's and no write to the key finished
+    /// since its ticket: it read the table after everything the cache stored or returned for
+    /// this key before. Only a current writer stores. Versions are not used to order writes:
+    /// an INSERT draws its version before it waits on the unique key, so a row re-inserted
+    /// later can carry a lower version than the one deleted before it (the protocol model in
+    /// `tests/model` found the ways trusting versions goes wrong). In order:
+    /// 1. a re-read that found no row removes the key: the row is gone now;
+    /// 2. a slot that already holds exactly the state written stays (nothing to do);
+    /// 3. a current writer (not a bypass read) stores its state;
+    /// 4. any other writer removes a slot of the current epoch, which differs from what it
+    ///    read: neither is known to be the newer, and the next lookup reads the table;
+    /// 5. otherwise nothing is written: a write from another epoch (a flush happened while it
+    ///    ran), or one that raced another write of the key, leaves the key absent.
     pub fn decide(
         current_epoch: Epoch,
         existing: Option<Slot>,
@@ -122,32 +113,36 @@ pub mod rule {
         writer: Writer,
         changes_seen_now: u64,
     ) -> Decision {
-        // An epoch ahead of the cache's cannot be drawn; treat it like an old one: never apply.
-        if new.epoch != current_epoch {
-            return Decision::Keep(WriteOutcome::OldEpoch);
-        }
         // A slot of an older epoch is never served: the same as an absent key.
         let current = existing.filter(|old| old.epoch == current_epoch);
-        match writer {
-            Writer::Reread if new.state.role.is_none() => Decision::Remove,
-            Writer::Reread if current.is_some_and(|old| old.state == new.state) => {
-                Decision::Keep(WriteOutcome::Stale)
+        if matches!(writer, Writer::Reread { .. }) && new.state.role.is_none() {
+            return Decision::Remove;
+        }
+        if current.is_some_and(|old| old.state == new.state) {
+            return Decision::Keep(WriteOutcome::Stale);
+        }
+        let ticket_current = match writer {
+            Writer::Reread { changes_seen } | Writer::Load { changes_seen } => {
+                changes_seen == changes_seen_now
             }
-            Writer::Reread => Decision::Put,
-            Writer::Load { changes_seen } if changes_seen != changes_seen_now => {
-                Decision::Keep(WriteOutcome::Dropped)
-            }
-            Writer::Load { .. } if current.is_some_and(|old| old.order() >= new.order()) => {
-                Decision::Keep(WriteOutcome::Stale)
-            }
-            Writer::Load { .. } => Decision::Put,
+            Writer::Bypass => false,
+        };
+        // An epoch ahead of the cache's cannot be drawn; it is treated like an old one.
+        if new.epoch == current_epoch && ticket_current {
+            Decision::Put
+        } else if current.is_some() {
+            Decision::Remove
+        } else if new.epoch != current_epoch {
+            Decision::Keep(WriteOutcome::OldEpoch)
+        } else {
+            Decision::Keep(WriteOutcome::Dropped)
         }
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::role::{Role, RoleState};
+        use crate::role::{Role, RoleState, RoleVersion};
 
         const EPOCHS: [Epoch; 3] = [0, 1, 2];
         const VERSIONS: [RoleVersion; 3] = [0, 1, 2];
@@ -168,15 +163,42 @@ pub mod rule {
             out
         }
 
-        fn writers() -> [Writer; 3] {
+        fn writers() -> [Writer; 5] {
             [
-                Writer::Reread,
+                Writer::Reread { changes_seen: 0 },
+                Writer::Reread { changes_seen: 1 },
                 Writer::Load { changes_seen: 0 },
                 Writer::Load { changes_seen: 1 },
+                Writer::Bypass,
             ]
         }
 
-        /// The rule restated case by case, as the brief words it, to check `decide` against.
+        fn existing() -> Vec<Option<Slot>> {
+            std::iter::once(None)
+                .chain(slots().into_iter().map(Some))
+                .collect()
+        }
+
+        /// Calls `check` with every combination on a small domain: 3 epochs × (1 + 27)
+        /// existing × 27 new × 5 writers × 2 counters. Returns the number of cases.
+        fn every_case(mut check: impl FnMut(Epoch, Option<Slot>, Slot, Writer, u64)) -> usize {
+            let mut cases = 0;
+            for now in EPOCHS {
+                for old in existing() {
+                    for new in slots() {
+                        for writer in writers() {
+                            for seen_now in [0, 1] {
+                                check(now, old, new, writer, seen_now);
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            cases
+        }
+
+        /// The rule restated case by case, to check `decide` against.
         fn oracle(
             now: Epoch,
             existing: Option<Slot>,
@@ -184,112 +206,73 @@ pub mod rule {
             writer: Writer,
             seen_now: u64,
         ) -> Decision {
-            let is_reread = matches!(writer, Writer::Reread);
-            let moved = match writer {
-                Writer::Load { changes_seen } => changes_seen != seen_now,
-                Writer::Reread => false,
+            let holds = existing.filter(|old| old.epoch == now);
+            let (reread, ticket) = match writer {
+                Writer::Reread { changes_seen } => (true, Some(changes_seen)),
+                Writer::Load { changes_seen } => (false, Some(changes_seen)),
+                Writer::Bypass => (false, None),
             };
-            let key = |s: &Slot| (s.state.version, s.state.role.is_none());
-            let same_epoch = existing.filter(|old| old.epoch == now);
-            if new.epoch != now {
-                Decision::Keep(WriteOutcome::OldEpoch)
-            } else if is_reread && new.state.role.is_none() {
+            if reread && new.state.role.is_none() {
                 Decision::Remove
-            } else if is_reread {
-                // Not gated by version: the re-read is the newest committed state.
-                if same_epoch.is_some_and(|old| old.state == new.state) {
-                    Decision::Keep(WriteOutcome::Stale)
-                } else {
-                    Decision::Put
-                }
-            } else if moved {
-                // Present or not: a re-read since the ticket is newer than this load.
-                Decision::Keep(WriteOutcome::Dropped)
-            } else if same_epoch.is_some_and(|old| key(&old) >= key(&new)) {
+            } else if holds.map(|o| o.state) == Some(new.state) {
                 Decision::Keep(WriteOutcome::Stale)
-            } else {
+            } else if ticket == Some(seen_now) && new.epoch == now {
                 Decision::Put
+            } else if holds.is_some() {
+                Decision::Remove
+            } else if new.epoch != now {
+                Decision::Keep(WriteOutcome::OldEpoch)
+            } else {
+                Decision::Keep(WriteOutcome::Dropped)
             }
         }
 
-        /// Every combination on a small domain: 3 epochs × (1 + 27) existing × 27 new × 3
-        /// writers × 2 counters.
         #[test]
         fn decide_matches_the_rule_on_every_small_case() {
-            let mut cases = 0;
-            for now in EPOCHS {
-                let existing: Vec<Option<Slot>> = std::iter::once(None)
-                    .chain(slots().into_iter().map(Some))
-                    .collect();
-                for old in &existing {
-                    for new in slots() {
-                        for writer in writers() {
-                            for seen_now in [0, 1] {
-                                let got = decide(now, *old, new, writer, seen_now);
-                                let want = oracle(now, *old, new, writer, seen_now);
-                                assert_eq!(
-                                    got, want,
-                                    "now={now} existing={old:?} new={new:?} {writer:?} seen={seen_now}"
-                                );
-                                cases += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            assert_eq!(cases, 3 * 28 * 27 * 3 * 2);
+            let cases = every_case(|now, old, new, writer, seen_now| {
+                let got = decide(now, old, new, writer, seen_now);
+                let want = oracle(now, old, new, writer, seen_now);
+                assert_eq!(
+                    got, want,
+                    "now={now} existing={old:?} new={new:?} {writer:?} seen={seen_now}"
+                );
+            });
+            assert_eq!(cases, 3 * 28 * 27 * 5 * 2);
         }
 
         /// The safety properties the rule exists for, checked directly on every small case.
         #[test]
-        fn decide_never_applies_old_epochs_nor_loads_older_than_a_reread() {
-            for now in EPOCHS {
-                for old in std::iter::once(None).chain(slots().into_iter().map(Some)) {
-                    for new in slots() {
-                        for writer in writers() {
-                            for seen_now in [0, 1] {
-                                let d = decide(now, old, new, writer, seen_now);
-                                if new.epoch != now {
-                                    assert_eq!(d, Decision::Keep(WriteOutcome::OldEpoch));
-                                }
-                                if d == Decision::Remove {
-                                    assert_eq!(writer, Writer::Reread);
-                                    assert_eq!(new.state.role, None);
-                                }
-                                if writer == Writer::Reread && new.state.role.is_none() {
-                                    assert_ne!(d, Decision::Put, "an absent row is never stored");
-                                }
-                                let holds_it =
-                                    old.is_some_and(|o| o.epoch == now && o.state == new.state);
-                                if writer == Writer::Reread
-                                    && new.state.role.is_some()
-                                    && new.epoch == now
-                                    && !holds_it
-                                {
-                                    assert_eq!(d, Decision::Put, "a re-read row is the newest");
-                                }
-                                if d != Decision::Put {
-                                    continue;
-                                }
-                                let Writer::Load { changes_seen } = writer else {
-                                    continue;
-                                };
-                                assert_eq!(
-                                    changes_seen, seen_now,
-                                    "a load stored after a re-read was applied"
-                                );
-                                if let Some(old) = old.filter(|o| o.epoch == new.epoch) {
-                                    assert!(
-                                        (new.state.version, new.state.role.is_none())
-                                            > (old.state.version, old.state.role.is_none()),
-                                        "{old:?} replaced by lower {new:?}"
-                                    );
-                                }
-                            }
-                        }
+        fn only_a_current_writer_stores_and_nothing_else_leaves_a_different_state_behind() {
+            every_case(|now, old, new, writer, seen_now| {
+                let d = decide(now, old, new, writer, seen_now);
+                let current = match writer {
+                    Writer::Reread { changes_seen } | Writer::Load { changes_seen } => {
+                        changes_seen == seen_now && new.epoch == now
                     }
+                    Writer::Bypass => false,
+                };
+                if d == Decision::Put {
+                    assert!(current, "stored by a writer that is not current");
+                    assert!(
+                        !(matches!(writer, Writer::Reread { .. }) && new.state.role.is_none()),
+                        "an absent row is stored"
+                    );
                 }
-            }
+                // Whatever the writer, the servable slot afterwards is absent or what it read.
+                let after = match d {
+                    Decision::Put => Some(new),
+                    Decision::Remove => None,
+                    Decision::Keep(_) => old,
+                };
+                if let Some(slot) = after.filter(|s| s.epoch == now) {
+                    let read_absent =
+                        matches!(writer, Writer::Reread { .. }) && new.state.role.is_none();
+                    assert!(
+                        slot.state == new.state && !read_absent,
+                        "left {slot:?} after {writer:?} read {new:?} (now {now})"
+                    );
+                }
+            });
         }
     }
 }
@@ -370,24 +353,60 @@ pub struct RowHint {
     pub state: Option<RoleState>,
 }
 
-/// Taken before a load queries the database; decides whether its result may be cached.
-#[derive(Clone, Copy, Debug)]
+/// Taken before a writer reads the table (a lookup's load, the bot's own write, a refill
+/// batch, the listener's re-read); decides whether what it read may be stored. It covers the
+/// keys it was taken for, and follows its own writes: a writer storing several keys does not
+/// stop itself.
+#[derive(Clone, Debug)]
 pub struct LoadTicket {
     epoch: Epoch,
-    changes_seen: u64,
+    /// (stripe, the stripe's change counter expected now), sorted by stripe.
+    seen: Vec<(usize, u64)>,
+}
+
+impl LoadTicket {
+    /// The epoch the ticket was taken in.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The counter a current write of a key in `stripe` finds, or `u64::MAX` (never current)
+    /// for a key the ticket was not taken for.
+    fn expected(&self, stripe: usize) -> u64 {
+        match self.seen.binary_search_by_key(&stripe, |(s, _)| *s) {
+            Ok(i) => self.seen[i].1,
+            Err(_) => u64::MAX,
+        }
+    }
+
+    /// This ticket's holder finished a write in `stripe`: its own bump is expected.
+    fn wrote(&mut self, stripe: usize) {
+        if let Ok(i) = self.seen.binary_search_by_key(&stripe, |(s, _)| *s) {
+            self.seen[i].1 += 1;
+        }
+    }
 }
 
 /// What a write did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
+    /// The cache changed: the state was stored, or (a re-read of an absent row) removed.
     Applied,
-    /// The cache already held this or a newer state.
+    /// The cache already held exactly this state.
     Stale,
     /// The write belongs to an epoch that has been flushed since.
     OldEpoch,
-    /// A load found its key absent after changes were applied during the load: the key may
-    /// have been evicted after a newer notification, so the loaded row is not trusted.
+    /// Another write of the key finished after this writer's ticket: nothing was stored, and a
+    /// slot holding a different state was removed (neither is known to be the newer).
     Dropped,
+}
+
+/// Which writer a write comes from (see [`rule::Writer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Reread,
+    Load,
+    Bypass,
 }
 
 /// Where a lookup's answer came from.
@@ -428,8 +447,8 @@ pub struct CacheStats {
     pub loads: u64,
     pub bypass_reads: u64,
     pub events_applied: u64,
-    /// Writes refused as not newer than what the cache holds, or dropped because a re-read
-    /// was applied while they ran.
+    /// Loads not stored: the cache already held their state, or another write of the key
+    /// finished while they ran (see [`WriteOutcome::Dropped`]).
     pub stale_rejected: u64,
     pub resyncs: Vec<(ResyncReason, u64)>,
     pub synced: bool,
@@ -479,7 +498,7 @@ pub struct RoleCache {
 
 struct Inner {
     entries: moka::future::Cache<UserId, Slot>,
-    /// The epoch, the synced flag and the re-read counter (checked with loom in `sync`).
+    /// The epoch, the synced flag and the change counters (checked with loom in `sync`).
     sync: SyncState,
     counters: Counters,
     events: broadcast::Sender<CacheEvent>,
@@ -548,30 +567,37 @@ impl RoleCache {
             });
         }
         let synced_at_start = self.is_synced();
-        let ticket = self.begin_load();
+        let mut ticket = self.begin_load(&[user_id]);
         let state = load().await?.unwrap_or(RoleState::deleted(0));
+        let slot = Slot {
+            state,
+            epoch: ticket.epoch,
+        };
         if !synced_at_start {
             self.inner
                 .counters
                 .bypass_reads
                 .fetch_add(1, Ordering::Relaxed);
+            // Stores nothing, but a slot stored meanwhile that differs from this read goes: it
+            // may be older than what this lookup returns.
+            self.write(user_id, slot, Kind::Bypass, &mut ticket).await;
             return Ok(Lookup {
                 state,
                 source: Source::Bypass,
             });
         }
         self.inner.counters.loads.fetch_add(1, Ordering::Relaxed);
-        self.store_load(user_id, state, ticket).await;
+        self.write(user_id, slot, Kind::Load, &mut ticket).await;
         Ok(Lookup {
             state,
             source: Source::Load,
         })
     }
 
-    /// Call before querying the database for a row that will be passed to
-    /// [`RoleCache::store_load`].
-    pub fn begin_load(&self) -> LoadTicket {
-        self.inner.sync.ticket()
+    /// Call before querying the database for rows of `keys` that will be passed to
+    /// [`RoleCache::store_load`] (or, for the listener, [`RoleCache::apply_reread`]).
+    pub fn begin_load(&self, keys: &[UserId]) -> LoadTicket {
+        self.inner.sync.ticket(keys)
     }
 
     /// Caches a row loaded from the database under the write rule.
@@ -579,44 +605,39 @@ impl RoleCache {
         &self,
         user_id: UserId,
         state: RoleState,
-        ticket: LoadTicket,
+        ticket: &mut LoadTicket,
     ) -> WriteOutcome {
         let slot = Slot {
             state,
             epoch: ticket.epoch,
         };
-        let writer = Writer::Load {
-            changes_seen: ticket.changes_seen,
-        };
-        self.write(user_id, slot, writer).await
+        self.write(user_id, slot, Kind::Load, ticket).await
     }
 
-    /// Applies the state of one row as the listener re-read it from `users` in `epoch` (the
-    /// epoch read before the re-read query started): `found` is `None` when there is no such row,
+    /// Applies the state of one row as the listener re-read it from `users` with `ticket`
+    /// (taken before the re-read query started): `found` is `None` when there is no such row,
     /// which removes the key. `hint` is what the notification said happened: it only names the
     /// event's op and decides whether a re-read the cache already held is announced. Publishes
-    /// [`CacheEvent::Changed`] when the cache changed, or when it already held exactly the state
-    /// the notification announced (the bot's own write, stored first).
+    /// [`CacheEvent::Changed`] unless the cache already held exactly this state (and the
+    /// notification did not announce it: the bot's own write, stored first) or the re-read is
+    /// an older epoch's.
     pub async fn apply_reread(
         &self,
         user_id: UserId,
         found: Option<RoleState>,
         hint: RowHint,
-        epoch: Epoch,
+        ticket: &mut LoadTicket,
         lag: Duration,
     ) -> WriteOutcome {
-        // Before the write: a load whose ticket predates this bump and that finds the key
-        // absent afterwards is dropped (rule 4 of [`rule::decide`]).
-        self.inner.sync.note_reread();
-        // Not gated by version (rule 3): a row deleted and inserted again may carry a lower
-        // version than the one cached, and this read is newer than anything cached.
         let state = found.unwrap_or(RoleState::deleted(0));
-        let slot = Slot { state, epoch };
-        let outcome = self.write(user_id, slot, Writer::Reread).await;
-        let announced = hint.state == Some(state)
-            && outcome == WriteOutcome::Stale
-            && self.peek(user_id).await == Some(state);
-        if outcome == WriteOutcome::Applied || announced {
+        let slot = Slot {
+            state,
+            epoch: ticket.epoch,
+        };
+        let outcome = self.write(user_id, slot, Kind::Reread, ticket).await;
+        let announced = hint.state == Some(state) && outcome == WriteOutcome::Stale;
+        let changed = matches!(outcome, WriteOutcome::Applied | WriteOutcome::Dropped);
+        if changed || announced {
             let counters = &self.inner.counters;
             counters.events_applied.fetch_add(1, Ordering::Relaxed);
             counters.last_lag_us.store(
@@ -639,47 +660,62 @@ impl RoleCache {
         outcome
     }
 
-    /// Applies one row change as the truth (tests and benchmarks that drive the cache without
-    /// a database): like [`RoleCache::apply_reread`] of `change.state`.
+    /// Applies one row change as the truth, read in `epoch` (tests and benchmarks that drive
+    /// the cache without a database): like [`RoleCache::apply_reread`] of `change.state`.
     pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
         let found = change.state.role.is_some().then_some(change.state);
         let hint = RowHint {
             op: RowOp::Update,
             state: Some(change.state),
         };
-        self.apply_reread(change.user_id, found, hint, epoch, lag)
+        let mut ticket = self.begin_load(&[change.user_id]);
+        ticket.epoch = epoch;
+        self.apply_reread(change.user_id, found, hint, &mut ticket, lag)
             .await
     }
 
-    /// The single write path (invariant 1): [`rule::decide`] under moka's per-key lock.
-    async fn write(&self, user_id: UserId, new: Slot, writer: Writer) -> WriteOutcome {
-        if !self.inner.sync.admits(new.epoch) {
-            return WriteOutcome::OldEpoch;
-        }
+    /// The single write path: [`rule::decide`] under moka's per-key lock, which also bumps the
+    /// key's change counter.
+    async fn write(
+        &self,
+        user_id: UserId,
+        new: Slot,
+        kind: Kind,
+        ticket: &mut LoadTicket,
+    ) -> WriteOutcome {
         let inner = &self.inner;
+        let stripe = sync::stripe_of(user_id);
+        let changes_seen = ticket.expected(stripe);
+        let writer = match kind {
+            Kind::Reread => Writer::Reread { changes_seen },
+            Kind::Load => Writer::Load { changes_seen },
+            Kind::Bypass => Writer::Bypass,
+        };
         let mut outcome = WriteOutcome::Stale;
         inner
             .entries
             .entry(user_id)
             .and_compute_with(|existing| {
-                let decision = inner
-                    .sync
-                    .decide(existing.map(|e| e.into_value()), new, writer);
+                let decision =
+                    inner
+                        .sync
+                        .decide(stripe, existing.map(|e| e.into_value()), new, writer);
                 let op = match decision {
                     Decision::Put => Op::Put(new),
                     Decision::Remove => Op::Remove,
                     Decision::Keep(_) => Op::Nop,
                 };
                 outcome = match decision {
-                    Decision::Put | Decision::Remove => WriteOutcome::Applied,
+                    Decision::Put => WriteOutcome::Applied,
+                    Decision::Remove if kind == Kind::Reread => WriteOutcome::Applied,
+                    Decision::Remove => WriteOutcome::Dropped,
                     Decision::Keep(why) => why,
                 };
                 ready(op)
             })
             .await;
-        // A dropped load is refused for the same reason as a stale one: the cache holds (or the
-        // next miss will read) something newer than what it read.
-        if matches!(outcome, WriteOutcome::Stale | WriteOutcome::Dropped) {
+        ticket.wrote(stripe);
+        if kind == Kind::Load && matches!(outcome, WriteOutcome::Stale | WriteOutcome::Dropped) {
             inner
                 .counters
                 .stale_rejected
@@ -800,43 +836,97 @@ mod tests {
         cache
     }
 
+    fn ticket(cache: &RoleCache, user_id: UserId) -> LoadTicket {
+        cache.begin_load(&[user_id])
+    }
+
     #[tokio::test]
-    async fn a_load_never_lowers_the_version_of_a_slot() {
+    async fn of_two_racing_loads_the_second_to_finish_removes_a_different_slot() {
         let cache = synced_cache();
-        let first = cache.begin_load();
-        let second = cache.begin_load();
+        let mut first = ticket(&cache, 1);
+        let mut second = ticket(&cache, 1);
+        // Which of the two read the newer row is unknown: versions do not say it across a
+        // delete and a re-insert, so the second one leaves the key to the next lookup.
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::Admin, 5), first)
+                .store_load(1, RoleState::present(Role::Admin, 5), &mut first)
                 .await,
             WriteOutcome::Applied
         );
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::User, 4), second)
-                .await,
-            WriteOutcome::Stale
-        );
-        assert_eq!(cache.get(1).await, Some(RoleState::present(Role::Admin, 5)));
-        assert_eq!(cache.stats().stale_rejected, 1);
-    }
-
-    #[tokio::test]
-    async fn a_load_that_began_before_a_reread_is_dropped_even_if_its_key_is_present() {
-        let cache = synced_cache();
-        let e = cache.epoch();
-        let slow = cache.begin_load();
-        cache
-            .apply(&change(1, Some(Role::User), 2), e, Duration::ZERO)
-            .await;
-        // The slow load read an older row with a higher version (deleted, then re-inserted).
-        assert_eq!(
-            cache
-                .store_load(1, RoleState::present(Role::Admin, 3), slow)
+                .store_load(1, RoleState::present(Role::User, 4), &mut second)
                 .await,
             WriteOutcome::Dropped
         );
+        assert_eq!(cache.get(1).await, None);
+        assert_eq!(cache.stats().stale_rejected, 1);
+        // The same state twice is no race: it stays.
+        let (mut a, mut b) = (ticket(&cache, 1), ticket(&cache, 1));
+        let admin = RoleState::present(Role::Admin, 5);
+        cache.store_load(1, admin, &mut a).await;
+        assert_eq!(
+            cache.store_load(1, admin, &mut b).await,
+            WriteOutcome::Stale
+        );
+        assert_eq!(cache.get(1).await, Some(admin));
+    }
+
+    #[tokio::test]
+    async fn a_load_that_began_before_a_reread_is_dropped_and_removes_what_differs() {
+        let cache = synced_cache();
+        let e = cache.epoch();
+        let mut slow = ticket(&cache, 1);
+        cache
+            .apply(&change(1, Some(Role::User), 2), e, Duration::ZERO)
+            .await;
         assert_eq!(cache.get(1).await, Some(RoleState::present(Role::User, 2)));
+        // The slow load read an older row with a higher version (deleted, then re-inserted),
+        // or a newer one: it cannot tell, so neither stays.
+        assert_eq!(
+            cache
+                .store_load(1, RoleState::present(Role::Admin, 3), &mut slow)
+                .await,
+            WriteOutcome::Dropped
+        );
+        assert_eq!(cache.get(1).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_reread_whose_query_began_before_a_load_finished_does_not_store() {
+        // The listener's re-read read `admin`; the row was demoted; a lookup loaded `user`
+        // and returned it. The re-read must not put `admin` back: the next lookup would
+        // return an older state than one already returned.
+        let cache = synced_cache();
+        let mut reread = ticket(&cache, 1);
+        let mut load = ticket(&cache, 1);
+        let user = RoleState::present(Role::User, 3);
+        assert_eq!(
+            cache.store_load(1, user, &mut load).await,
+            WriteOutcome::Applied
+        );
+        let mut events = cache.subscribe();
+        let admin = RoleState::present(Role::Admin, 2);
+        let hint = RowHint {
+            op: RowOp::Update,
+            state: Some(admin),
+        };
+        assert_eq!(
+            cache
+                .apply_reread(1, Some(admin), hint, &mut reread, Duration::ZERO)
+                .await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(cache.get(1).await, None, "the older re-read was served");
+        // Subscribers still hear of the change the re-read saw.
+        assert!(matches!(
+            events.try_recv(),
+            Ok(CacheEvent::Changed {
+                user_id: 1,
+                role: Some(Role::Admin),
+                ..
+            })
+        ));
     }
 
     #[tokio::test]
@@ -846,7 +936,7 @@ mod tests {
         cache
             .apply(&change(1, Some(Role::Admin), 5), e, Duration::ZERO)
             .await;
-        let before = cache.begin_load();
+        let mut before = ticket(&cache, 1);
         assert_eq!(
             cache.apply(&change(1, None, 5), e, Duration::ZERO).await,
             WriteOutcome::Applied
@@ -855,7 +945,7 @@ mod tests {
         // A load that read the row before it was deleted must not bring it back.
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::Admin, 5), before)
+                .store_load(1, RoleState::present(Role::Admin, 5), &mut before)
                 .await,
             WriteOutcome::Dropped
         );
@@ -884,10 +974,9 @@ mod tests {
     #[tokio::test]
     async fn a_reread_row_replaces_a_higher_version_whatever_the_hint_said() {
         let cache = synced_cache();
-        let e = cache.epoch();
-        let ticket = cache.begin_load();
+        let mut load = ticket(&cache, 1);
         cache
-            .store_load(1, RoleState::present(Role::Admin, 9), ticket)
+            .store_load(1, RoleState::present(Role::Admin, 9), &mut load)
             .await;
         let reread = RoleState::present(Role::User, 7);
         // The table is the truth: the row was deleted and inserted again with a lower version,
@@ -898,7 +987,13 @@ mod tests {
         };
         assert_eq!(
             cache
-                .apply_reread(1, Some(reread), update, e, Duration::ZERO)
+                .apply_reread(
+                    1,
+                    Some(reread),
+                    update,
+                    &mut ticket(&cache, 1),
+                    Duration::ZERO
+                )
                 .await,
             WriteOutcome::Applied
         );
@@ -908,11 +1003,9 @@ mod tests {
     #[tokio::test]
     async fn a_reread_of_the_state_the_cache_holds_is_announced_only_if_the_payload_named_it() {
         let cache = synced_cache();
-        let e = cache.epoch();
         let state = RoleState::present(Role::Admin, 4);
-        let ticket = cache.begin_load();
         // The bot's own committed write lands first.
-        cache.store_load(1, state, ticket).await;
+        cache.store_load(1, state, &mut ticket(&cache, 1)).await;
         let mut events = cache.subscribe();
         let named = RowHint {
             op: RowOp::Update,
@@ -923,11 +1016,23 @@ mod tests {
             state: Some(RoleState::present(Role::Owner, 99)),
         };
         cache
-            .apply_reread(1, Some(state), other, e, Duration::ZERO)
+            .apply_reread(
+                1,
+                Some(state),
+                other,
+                &mut ticket(&cache, 1),
+                Duration::ZERO,
+            )
             .await;
         assert!(events.try_recv().is_err(), "announced a state nobody named");
         cache
-            .apply_reread(1, Some(state), named, e, Duration::ZERO)
+            .apply_reread(
+                1,
+                Some(state),
+                named,
+                &mut ticket(&cache, 1),
+                Duration::ZERO,
+            )
             .await;
         assert!(matches!(
             events.try_recv(),
@@ -943,11 +1048,11 @@ mod tests {
     #[tokio::test]
     async fn load_that_spans_a_resync_is_never_served() {
         let cache = synced_cache();
-        let ticket = cache.begin_load();
+        let mut before = ticket(&cache, 1);
         cache.resync(ResyncReason::Truncate);
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .store_load(1, RoleState::present(Role::Admin, 5), &mut before)
                 .await,
             WriteOutcome::OldEpoch
         );
@@ -955,30 +1060,90 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn absent_key_is_not_filled_by_a_load_that_saw_changes() {
+    async fn a_write_of_another_key_does_not_stop_a_load() {
         let cache = synced_cache();
-        let ticket = cache.begin_load();
-        // A change for another key arrives while the load runs.
+        // Two ids whose change counters are apart.
+        let other = (2..)
+            .find(|id| sync::stripe_of(*id) != sync::stripe_of(1))
+            .unwrap();
+        let mut load = ticket(&cache, 1);
         cache
             .apply(
-                &change(2, Some(Role::User), 9),
+                &change(other, Some(Role::User), 9),
                 cache.epoch(),
                 Duration::ZERO,
             )
             .await;
         assert_eq!(
             cache
-                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
-                .await,
-            WriteOutcome::Dropped
-        );
-        let ticket = cache.begin_load();
-        assert_eq!(
-            cache
-                .store_load(1, RoleState::present(Role::Admin, 5), ticket)
+                .store_load(1, RoleState::present(Role::Admin, 5), &mut load)
                 .await,
             WriteOutcome::Applied
         );
+    }
+
+    #[tokio::test]
+    async fn a_ticket_for_several_keys_follows_its_own_writes() {
+        let cache = synced_cache();
+        // Two ids that share a change counter: the second store must not read the first as
+        // someone else's write.
+        let twin = (2..)
+            .find(|id| sync::stripe_of(*id) == sync::stripe_of(1))
+            .unwrap();
+        let third = (2..)
+            .find(|id| *id != twin && sync::stripe_of(*id) == sync::stripe_of(1))
+            .unwrap();
+        let mut batch = cache.begin_load(&[1, twin, third]);
+        let state = RoleState::present(Role::User, 1);
+        assert_eq!(
+            cache.store_load(1, state, &mut batch).await,
+            WriteOutcome::Applied
+        );
+        assert_eq!(
+            cache.store_load(twin, state, &mut batch).await,
+            WriteOutcome::Applied
+        );
+        // Someone else's write in that stripe: the batch's last key is no longer current.
+        cache.store_load(1, state, &mut ticket(&cache, 1)).await;
+        assert_eq!(
+            cache.store_load(third, state, &mut batch).await,
+            WriteOutcome::Dropped
+        );
+        // A key the ticket was not taken for is never current.
+        let outside = (2..)
+            .find(|id| sync::stripe_of(*id) != sync::stripe_of(1))
+            .unwrap();
+        assert_eq!(
+            cache.store_load(outside, state, &mut batch).await,
+            WriteOutcome::Dropped
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_made_before_the_cache_was_synced_removes_a_slot_stored_meanwhile() {
+        let cache = RoleCache::new(10);
+        cache.resync(ResyncReason::Reconnect);
+        let user = RoleState::present(Role::User, 3);
+        let admin = RoleState::present(Role::Admin, 2);
+        let during = cache.clone();
+        let found = cache
+            .lookup(1, || async move {
+                // While this lookup reads `user`, the cache is synced and `admin` is stored
+                // (read earlier by someone else).
+                during.mark_synced();
+                let changed = RowChange {
+                    op: RowOp::Update,
+                    user_id: 1,
+                    state: admin,
+                };
+                during.apply(&changed, during.epoch(), Duration::ZERO).await;
+                Ok::<_, ()>(Some(user))
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.source, Source::Bypass);
+        assert_eq!(found.state, user);
+        assert_eq!(cache.get(1).await, None, "an older state than one returned");
     }
 
     #[tokio::test]

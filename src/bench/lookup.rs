@@ -339,11 +339,9 @@ async fn write_roles(
 
 /// Loads every user into the cache of `strategy` (nothing for `no_cache`).
 async fn prime(db: &BenchDb, strategy: &Strategy) -> anyhow::Result<()> {
-    let ticket = match strategy {
-        Strategy::NoCache(_) => return Ok(()),
-        Strategy::Event(instance) => Some(instance.cache.begin_load()),
-        Strategy::Ttl(..) | Strategy::Moka(_) => None,
-    };
+    if let Strategy::NoCache(_) = strategy {
+        return Ok(());
+    }
     let rows = db
         .client()
         .await?
@@ -352,13 +350,13 @@ async fn prime(db: &BenchDb, strategy: &Strategy) -> anyhow::Result<()> {
     for row in rows {
         let id: UserId = row.get(0);
         let state = RoleState::present(row.get::<_, &str>(1).parse()?, row.get(2));
-        match (strategy, ticket) {
-            (Strategy::Event(instance), Some(ticket)) => {
-                instance.cache.store_load(id, state, ticket).await;
+        match strategy {
+            Strategy::Event(instance) => {
+                // Priming, not a race: each row's ticket is taken as it is stored.
+                let mut ticket = instance.cache.begin_load(&[id]);
+                instance.cache.store_load(id, state, &mut ticket).await;
             }
-            (Strategy::Ttl(_, cache), _) | (Strategy::Moka(cache), _) => {
-                cache.insert(id, state).await
-            }
+            Strategy::Ttl(_, cache) | Strategy::Moka(cache) => cache.insert(id, state).await,
             _ => {}
         }
     }

@@ -68,8 +68,8 @@ pub async fn probe(probe: Probe, users: usize) -> anyhow::Result<f64> {
             let cache = RoleCache::new(users as u64);
             cache.mark_synced();
             for id in 1..=users as UserId {
-                let ticket = cache.begin_load();
-                cache.store_load(id, state(id), ticket).await;
+                let mut ticket = cache.begin_load(&[id]);
+                cache.store_load(id, state(id), &mut ticket).await;
             }
             cache.run_pending_tasks().await;
             settle().await;

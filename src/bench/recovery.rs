@@ -113,13 +113,14 @@ async fn cached_instance(
     );
     let client = db.client().await?;
     // Every user cached, the way the lookup benchmark fills the cache.
-    let ticket = instance.cache.begin_load();
     for row in client
         .query("SELECT user_id, role, role_version FROM users", &[])
         .await?
     {
         let state = RoleState::present(row.get::<_, &str>(1).parse()?, row.get(2));
-        instance.cache.store_load(row.get(0), state, ticket).await;
+        let id = row.get(0);
+        let mut ticket = instance.cache.begin_load(&[id]);
+        instance.cache.store_load(id, state, &mut ticket).await;
     }
     Ok((instance, client))
 }

@@ -73,7 +73,7 @@ pub async fn perform(
     target: &Target,
 ) -> Result<Done, ActionError> {
     let target_id = resolve(repo, target).await?;
-    let ticket = cache.begin_load();
+    let mut ticket = cache.begin_load(&[caller, target_id]);
     let done = repo
         .transact_retrying(Some(caller), |tx| {
             let target = target.clone();
@@ -113,7 +113,9 @@ pub async fn perform(
         })
         .await?;
     for row in std::iter::once(&done.target).chain(&done.caller) {
-        cache.store_load(row.user_id, row.state(), ticket).await;
+        cache
+            .store_load(row.user_id, row.state(), &mut ticket)
+            .await;
     }
     Ok(done)
 }

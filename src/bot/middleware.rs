@@ -119,9 +119,12 @@ async fn lookup(state: &BotState, id: UserId, username: Option<&str>) -> Result<
         // A tombstone (only a cache hit can yield one: the loader always returns a row): the
         // row was deleted. Register anew; never treat it as a role.
         (None, _) => {
-            let ticket = state.cache.begin_load();
+            let mut ticket = state.cache.begin_load(&[id]);
             let row = state.repo.register(id, username).await?;
-            state.cache.store_load(id, row.user.state(), ticket).await;
+            state
+                .cache
+                .store_load(id, row.user.state(), &mut ticket)
+                .await;
             (row.user.role, Some(row))
         }
     };

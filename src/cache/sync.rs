@@ -1,6 +1,6 @@
-//! The cache's own synchronisation state: the epoch, the synced flag, the re-read counter and
-//! the striped hit/miss counters, with every operation [`RoleCache`](super::RoleCache) performs
-//! on them.
+//! The cache's own synchronisation state: the epoch, the synced flag, the per-key change
+//! counters and the striped hit/miss counters, with every operation
+//! [`RoleCache`](super::RoleCache) performs on them.
 //!
 //! They live apart from moka so that loom can check them: built with the internal `loom`
 //! feature the atomics come from `loom::sync` and the `loom_tests`
@@ -15,9 +15,12 @@
 //!   slot written in the old epoch (moka's lazy `invalidate_all` lets a write that lands after
 //!   the flush through) is never served. loom finds a stale row served when either side is
 //!   `Relaxed`.
-//! * A re-read bumps `changes_seen` before its write; a load compares its ticket with the
-//!   counter under the per-key lock, so a load that read the row before the re-read is dropped.
-//! * The striped counters need only atomic increments: `join` orders them before the sum.
+//! * Each key's change counter (one per stripe of keys) is read by a writer's ticket before
+//!   its query, and compared and bumped under the key's lock when it writes: a writer whose
+//!   ticket predates another finished write of the key does not store. Keys that share a
+//!   stripe only make that check stricter.
+//! * The striped hit/miss counters need only atomic increments: `join` orders them before the
+//!   sum.
 
 #[cfg(feature = "loom")]
 use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,13 +29,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::rule::{self, Decision, Epoch, Slot, Writer};
 use super::LoadTicket;
+use crate::role::UserId;
 
-/// The epoch, the synced flag and the re-read counter. Starts unsynced in epoch 0.
+/// The epoch, the synced flag and the change counters. Starts unsynced in epoch 0.
 pub(super) struct SyncState {
     epoch: AtomicU64,
     synced: AtomicBool,
-    /// Re-read rows applied by the listener, ever; see [`super::WriteOutcome::Dropped`].
-    changes_seen: AtomicU64,
+    /// Finished writes per stripe of keys ([`stripe_of`]); see [`rule::decide`].
+    changes: Box<[AtomicU64]>,
+}
+
+/// Stripes of the change counters: 64 KiB, few enough collisions between the keys written at
+/// once that a write rarely stops another key's load from being stored.
+#[cfg(not(feature = "loom"))]
+const CHANGE_STRIPES: usize = 8192;
+#[cfg(feature = "loom")]
+const CHANGE_STRIPES: usize = 2;
+
+/// The stripe of `user_id`'s change counter (Fibonacci hashing: consecutive ids spread).
+pub(super) fn stripe_of(user_id: UserId) -> usize {
+    let hash = (user_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (hash >> 32) as usize % CHANGE_STRIPES
 }
 
 impl SyncState {
@@ -40,7 +57,7 @@ impl SyncState {
         SyncState {
             epoch: AtomicU64::new(0),
             synced: AtomicBool::new(false),
-            changes_seen: AtomicU64::new(0),
+            changes: (0..CHANGE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -63,37 +80,41 @@ impl SyncState {
         Some(self.epoch())
     }
 
-    /// Taken before a load queries the database.
-    pub(super) fn ticket(&self) -> LoadTicket {
+    /// Taken before a writer queries the database for `keys`.
+    pub(super) fn ticket(&self, keys: &[UserId]) -> LoadTicket {
+        let mut seen: Vec<(usize, u64)> = keys.iter().map(|k| (stripe_of(*k), 0)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        // The counters before the epoch: a resync in between only makes the ticket older,
+        // never newer.
+        for (stripe, value) in &mut seen {
+            *value = self.changes[*stripe].load(Ordering::Acquire);
+        }
         LoadTicket {
-            // Read `changes_seen` before the epoch: a resync in between only makes the ticket
-            // older, never newer.
-            changes_seen: self.changes_seen.load(Ordering::Acquire),
             epoch: self.epoch(),
+            seen,
         }
     }
 
-    /// Whether a write read in `epoch` may still be applied (checked again, under the per-key
-    /// lock, by [`SyncState::decide`]).
-    pub(super) fn admits(&self, epoch: Epoch) -> bool {
-        epoch == self.epoch()
-    }
-
-    /// The write rule on the cache's epoch and counter now: call under the per-key lock.
-    pub(super) fn decide(&self, existing: Option<Slot>, new: Slot, writer: Writer) -> Decision {
-        rule::decide(
+    /// The write rule on the cache's epoch and the key's counter now, then the bump that
+    /// marks the write finished: call under the key's lock.
+    pub(super) fn decide(
+        &self,
+        stripe: usize,
+        existing: Option<Slot>,
+        new: Slot,
+        writer: Writer,
+    ) -> Decision {
+        let counter = &self.changes[stripe];
+        let decision = rule::decide(
             self.epoch.load(Ordering::Acquire),
             existing,
             new,
             writer,
-            self.changes_seen.load(Ordering::Acquire),
-        )
-    }
-
-    /// A re-read is about to be written: call before its write, so that a load whose ticket
-    /// predates it is dropped (rule 4 of [`rule::decide`]).
-    pub(super) fn note_reread(&self) {
-        self.changes_seen.fetch_add(1, Ordering::AcqRel);
+            counter.load(Ordering::Acquire),
+        );
+        counter.fetch_add(1, Ordering::AcqRel);
+        decision
     }
 
     /// Starts a new epoch (before the flush); returns it.

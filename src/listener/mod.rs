@@ -559,8 +559,11 @@ impl Listener {
         };
         let lag = lag_between(hints.ts_us, SystemTime::now());
         let rows = hints.rows;
-        // Read before the queries: a resync while they run makes these rows an older epoch's.
-        let epoch = self.cache.epoch();
+        // Taken before the queries: a resync while they run makes these rows an older epoch's,
+        // and a lookup's load of one of these keys that finishes meanwhile (it may have read
+        // a newer row than this re-read will) keeps this re-read from storing that key.
+        let ids: Vec<UserId> = rows.iter().map(|(user_id, _)| *user_id).collect();
+        let mut ticket = self.cache.begin_load(&ids);
         let started = Instant::now();
         // The chunks' queries are pipelined on the one session: the server runs them in order,
         // each on a snapshot taken when it starts, while the results of earlier ones are applied.
@@ -581,7 +584,7 @@ impl Listener {
             for (user_id, hint) in chunk {
                 let state = found.get(user_id).copied();
                 self.cache
-                    .apply_reread(*user_id, state, *hint, epoch, lag)
+                    .apply_reread(*user_id, state, *hint, &mut ticket, lag)
                     .await;
             }
         }

@@ -9,11 +9,12 @@
 //!   [`RefillConfig::batch`] ids (`WHERE user_id = ANY($1)`) through the pool, with unnamed
 //!   statements (`query_typed`: the pool may lead to PgBouncer in transaction mode).
 //! * Every row goes through the one write rule as a `Writer::Load` whose ticket
-//!   ([`RoleCache::begin_load`]) is taken **before** its batch's query. So a re-read the listener
-//!   applied while the batch ran drops the batch's rows (rule 4 of `cache::rule::decide`): a
-//!   newer notification always wins over a refill row. Dropped rows are read again with a new
-//!   ticket, at most [`ATTEMPTS`] times; after that they stay cold and their next lookup reads
-//!   the database, as every lookup of a key not yet refilled does.
+//!   ([`RoleCache::begin_load`]) is taken for the batch's keys **before** its query. So a write
+//!   of one of those keys that finished while the batch ran (the listener's re-read of a newer
+//!   notification, a lookup's load) keeps the batch's row of that key out of the cache
+//!   (`cache::rule::decide`): a newer notification always wins over a refill row. Dropped rows
+//!   are read again with a new ticket, at most [`ATTEMPTS`] times; after that they stay cold
+//!   and their next lookup reads the database, as every lookup of a key not yet refilled does.
 //! * Bounded: one refill at a time (one task). A new flush restarts it into the new epoch with
 //!   the keys not yet refilled plus the new snapshot (which holds those already refilled). A
 //!   flush that brings no request (the session died: the epoch moved, the cache is unsynced)
@@ -261,9 +262,10 @@ impl Refill {
         let stats = &self.stats.refill;
         let mut ids = ids.to_vec();
         for attempt in 1..=ATTEMPTS {
-            // The ticket before the query: a re-read applied while the query runs drops the
-            // rows it returned (rule 4), whatever their keys.
-            let ticket = self.cache.begin_load();
+            // The ticket before the query: a write of one of these keys that finishes while
+            // the query runs (a re-read, a lookup's load) keeps that key's row from being
+            // stored.
+            let mut ticket = self.cache.begin_load(&ids);
             if self.cache.epoch() != epoch {
                 return Ok(false);
             }
@@ -280,7 +282,7 @@ impl Refill {
                     stats.rows_absent.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                match self.cache.store_load(id, state, ticket).await {
+                match self.cache.store_load(id, state, &mut ticket).await {
                     WriteOutcome::Applied => {
                         stats.rows_stored.fetch_add(1, Ordering::Relaxed);
                     }

@@ -649,11 +649,13 @@ async fn run_model(steps: &[Step], capacity: u64) -> Result<(), TestCaseError> {
                 }
                 None => {}
             },
-            Step::BeginLoad(user) => loads.push((*user, cache.begin_load(), model.read(*user))),
+            Step::BeginLoad(user) => {
+                loads.push((*user, cache.begin_load(&[*user]), model.read(*user)))
+            }
             Step::FinishLoad(pick) => {
                 if !loads.is_empty() {
-                    let (user, ticket, state) = loads.swap_remove(pick.index(loads.len()));
-                    cache.store_load(user, state, ticket).await;
+                    let (user, mut ticket, state) = loads.swap_remove(pick.index(loads.len()));
+                    cache.store_load(user, state, &mut ticket).await;
                 }
             }
             Step::Overflow => {
@@ -674,8 +676,8 @@ async fn run_model(steps: &[Step], capacity: u64) -> Result<(), TestCaseError> {
     }
     // Quiescence: once every load has finished and every queued notification is delivered, what
     // the cache holds is what the table holds.
-    for (user, ticket, state) in loads.drain(..) {
-        cache.store_load(user, state, ticket).await;
+    for (user, mut ticket, state) in loads.drain(..) {
+        cache.store_load(user, state, &mut ticket).await;
     }
     while let Some(queued) = model.queue.pop_front() {
         match queued {

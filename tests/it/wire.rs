@@ -152,9 +152,9 @@ async fn a_row_cached_before_the_first_sync_is_flushed_by_it() {
     let pool = rolecache::db::pool(&db.config(), 2);
     let repo = rolecache::db::Repository::new(pool.clone());
     let cache = RoleCache::new(1000);
-    let ticket = cache.begin_load();
+    let mut ticket = cache.begin_load(&[1]);
     let row = repo.role_of(1).await.unwrap().unwrap();
-    cache.store_load(1, row, ticket).await;
+    cache.store_load(1, row, &mut ticket).await;
     // Committed before the listener exists: no notification will ever reach it.
     db.sql("UPDATE users SET role = 'banned' WHERE user_id = 1")
         .await;

@@ -34,9 +34,6 @@ pub struct Scenario {
     pub failures: u8,
     pub attacks: &'static [Attack],
     pub queue_capacity: usize,
-    /// The properties the checker breaks with the code's rule today (see the findings in
-    /// docs/ARCHITECTURE.md); the test fails when this changes, in either direction.
-    pub code_rule_breaks: &'static [&'static str],
 }
 
 /// A notification anyone who can connect may send on `role_changes`.
@@ -64,6 +61,9 @@ pub struct Safeguards {
     /// no longer does (re-reads are the newest state), so the code leaves it out and
     /// [`Safeguards::ALL`] has it off. Turned on, it must change nothing the checker can see.
     pub replace_hint: bool,
+    /// A write stores only if its ticket is current: no other write of the key finished since
+    /// the writer took it, before its read.
+    pub tickets: bool,
 }
 
 impl Safeguards {
@@ -73,23 +73,13 @@ impl Safeguards {
         reconnect_flush: true,
         reread: true,
         replace_hint: false,
+        tickets: true,
     };
-}
-
-/// Which write rule the cache runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
-    /// `rolecache::cache::rule::decide`, as the code runs it.
-    Code,
-    /// `proposed::decide`: re-reads only invalidate; the counter also counts completed lookups,
-    /// and a bypass read removes a slot that differs from what it read.
-    Invalidate,
 }
 
 pub struct Protocol {
     pub scenario: &'static Scenario,
     pub safeguards: Safeguards,
-    pub rule: Rule,
 }
 
 /// A cache slot: what the code stores, plus the commit number of the state (model only).
@@ -129,20 +119,21 @@ pub struct Reapply {
     pub row: Option<Row>,
     pub stamp: u16,
     pub remove_first: bool,
-    /// `changes_seen` was bumped for this row already (by its removal).
-    pub counted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Reread {
     /// The epoch the rows are applied in: read just before the query (set again there).
     pub epoch: u64,
+    /// The keys' change counters, read with the epoch; each of the re-read's own writes
+    /// advances its key's (`LoadTicket` follows its holder's writes).
+    pub tickets: [u64; KEYS],
     pub stage: RereadStage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ticket {
-    pub changes_seen: u64,
+    pub changes_seen: [u64; KEYS],
     pub epoch: u64,
 }
 
@@ -176,7 +167,9 @@ pub struct State {
     pub baseline: u8,
     pub epoch: u64,
     pub synced: bool,
-    pub changes_seen: u64,
+    /// Per key, the writes of it that finished (the code's change counter, one per key here:
+    /// the code's stripes only make the check stricter).
+    pub changes_seen: [u64; KEYS],
     pub cache: [Option<CachedSlot>; KEYS],
     pub reread: Option<Reread>,
     pub lookups: Vec<Lookup>,
@@ -274,11 +267,19 @@ impl Protocol {
             state: to_state(state),
             epoch: new_epoch,
         };
-        let rule = match self.rule {
-            Rule::Code => decide,
-            Rule::Invalidate => crate::proposed::decide,
+        let seen_now = match writer {
+            // Without the check, every ticket looks current.
+            Writer::Reread { changes_seen } | Writer::Load { changes_seen }
+                if !self.safeguards.tickets =>
+            {
+                changes_seen
+            }
+            _ => s.changes_seen[key],
         };
-        match rule(current, existing, new, writer, s.changes_seen) {
+        let decision = decide(current, existing, new, writer, seen_now);
+        // Every write finishes by bumping its key's counter, under the key's lock.
+        s.changes_seen[key] += 1;
+        match decision {
             Decision::Put => {
                 Self::seen(s, key, stamp);
                 s.cache[key] = Some(CachedSlot {
@@ -303,13 +304,6 @@ impl Protocol {
 
     fn read_row(s: &State, key: Key) -> (Option<Row>, u16) {
         (s.db.rows[key], s.db.stamps[key])
-    }
-
-    /// A load (or the bot's own write) is done with the cache.
-    fn completed(&self, s: &mut State) {
-        if self.rule == Rule::Invalidate {
-            s.changes_seen += 1;
-        }
     }
 
     /// Lookup `l` returned the state committed at `stamp`: property (a) is checked here.
@@ -404,7 +398,7 @@ impl Model for Protocol {
             baseline: 0,
             epoch: 0,
             synced: false,
-            changes_seen: 0,
+            changes_seen: [0; KEYS],
             cache: [None; KEYS],
             reread: None,
             lookups: vec![],
@@ -585,6 +579,7 @@ impl Model for Protocol {
                     if ids != 0 || marker {
                         s.reread = Some(Reread {
                             epoch: s.epoch,
+                            tickets: s.changes_seen,
                             stage: RereadStage::Query {
                                 ids,
                                 replaced,
@@ -608,13 +603,13 @@ impl Model for Protocol {
                                 row,
                                 stamp,
                                 remove_first: false,
-                                counted: false,
                             });
                         }
                     }
                     if !rows.is_empty() {
                         s.reread = Some(Reread {
                             epoch: s.epoch,
+                            tickets: s.changes_seen,
                             stage: RereadStage::Apply(rows),
                         });
                     }
@@ -633,8 +628,10 @@ impl Model for Protocol {
                 else {
                     return None;
                 };
-                // The epoch is read just before the query (`Listener::handle`).
+                // The ticket (epoch and the keys' counters) is taken just before the query
+                // (`Listener::handle`).
                 let epoch = s.epoch;
+                let tickets = s.changes_seen;
                 let mut rows = vec![];
                 for key in 0..KEYS {
                     if ids & (1 << key) != 0 {
@@ -647,7 +644,6 @@ impl Model for Protocol {
                             row,
                             stamp,
                             remove_first,
-                            counted: false,
                         });
                     }
                 }
@@ -659,43 +655,39 @@ impl Model for Protocol {
                 }
                 s.reread = (!rows.is_empty()).then_some(Reread {
                     epoch,
+                    tickets,
                     stage: RereadStage::Apply(rows),
                 });
             }
             Action::Apply => {
                 let Some(Reread {
                     epoch,
+                    mut tickets,
                     stage: RereadStage::Apply(mut rows),
                 }) = s.reread.clone()
                 else {
                     return None;
                 };
                 let head = rows.remove(0);
-                if !head.counted {
-                    // Once per row, before its first write (`RoleCache::apply_reread`).
-                    s.changes_seen += 1;
-                }
+                let writer = Writer::Reread {
+                    changes_seen: tickets[head.key],
+                };
                 if head.remove_first {
                     // A write of its own under moka's lock: lookups may run in between.
-                    self.write(&mut s, head.key, None, head.stamp, epoch, Writer::Reread);
+                    self.write(&mut s, head.key, None, head.stamp, epoch, writer);
+                    tickets[head.key] += 1;
                     let rest = Reapply {
                         remove_first: false,
-                        counted: true,
                         ..head
                     };
                     rows.insert(0, rest);
                 } else if head.row.is_some() || self.safeguards.removal {
-                    self.write(
-                        &mut s,
-                        head.key,
-                        head.row,
-                        head.stamp,
-                        epoch,
-                        Writer::Reread,
-                    );
+                    self.write(&mut s, head.key, head.row, head.stamp, epoch, writer);
+                    tickets[head.key] += 1;
                 }
                 s.reread = (!rows.is_empty()).then_some(Reread {
                     epoch,
+                    tickets,
                     stage: RereadStage::Apply(rows),
                 });
             }
@@ -732,27 +724,12 @@ impl Model for Protocol {
                     LookupStage::Ticketed(t) => {
                         s.lookups[i].stage = LookupStage::Read(t, row, stamp)
                     }
-                    // A bypass read: returned as read, nothing cached.
+                    // A bypass read: returned as read, nothing stored, but a slot that
+                    // differs from it is removed.
                     _ => {
                         s.lookups.remove(i);
-                        if self.rule == Rule::Invalidate {
-                            let existing = s.cache[l.key].map(|c| Slot {
-                                state: RoleState {
-                                    role: c.role,
-                                    version: c.version,
-                                },
-                                epoch: c.epoch,
-                            });
-                            let read = Slot {
-                                state: Self::role_state(row),
-                                epoch: s.epoch,
-                            };
-                            let decision = crate::proposed::after_bypass(s.epoch, existing, read);
-                            if decision == Decision::Remove {
-                                s.cache[l.key] = None;
-                            }
-                        }
-                        self.completed(&mut s);
+                        let epoch = s.epoch;
+                        self.write(&mut s, l.key, row, stamp, epoch, Writer::Bypass);
                         Self::returned(&mut s, l, stamp);
                     }
                 }
@@ -763,19 +740,17 @@ impl Model for Protocol {
                     return None;
                 };
                 let writer = Writer::Load {
-                    changes_seen: ticket.changes_seen,
+                    changes_seen: ticket.changes_seen[l.key],
                 };
                 self.write(&mut s, l.key, row, stamp, ticket.epoch, writer);
-                self.completed(&mut s);
                 Self::returned(&mut s, l, stamp);
             }
             Action::BotStore => {
                 let (k, row, stamp, ticket) = s.bot_store.take()?;
                 let writer = Writer::Load {
-                    changes_seen: ticket.changes_seen,
+                    changes_seen: ticket.changes_seen[k],
                 };
                 self.write(&mut s, k, row, stamp, ticket.epoch, writer);
-                self.completed(&mut s);
                 // The bot acts on its own write once it is stored (or refused).
                 Self::seen(&mut s, k, stamp);
             }

@@ -3,7 +3,7 @@
 use rolecache::role::Role;
 
 use crate::db::{Row, Stmt};
-use crate::protocol::{Attack, Scenario, MONOTONIC};
+use crate::protocol::{Attack, Scenario};
 
 const fn row(role: Role, version: i64) -> Option<Row> {
     Some(Row { role, version })
@@ -24,7 +24,6 @@ pub static UPDATES: Scenario = Scenario {
     failures: 1,
     attacks: &[],
     queue_capacity: 2,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// The race review found: an INSERT draws its version, then waits on a delete; meanwhile the
@@ -48,14 +47,12 @@ pub static DELETE_REINSERT: Scenario = Scenario {
     failures: 0,
     attacks: &[],
     queue_capacity: 2,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// The same race with no lookups: only the listener writes the cache.
 pub static REINSERT_LISTENER_ONLY: Scenario = Scenario {
     name: "reinsert_listener_only",
     lookups: 0,
-    code_rule_breaks: &[],
     ..DELETE_REINSERT
 };
 
@@ -71,7 +68,6 @@ pub static USER_ID_CHANGE: Scenario = Scenario {
     failures: 0,
     attacks: &[],
     queue_capacity: 2,
-    code_rule_breaks: &[],
 };
 
 /// TRUNCATE (a marker) against the bot inserting a user.
@@ -86,7 +82,6 @@ pub static TRUNCATE: Scenario = Scenario {
     failures: 0,
     attacks: &[],
     queue_capacity: 2,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// A bulk update (a marker) against a single-row update; a queue of one, so it can overflow.
@@ -104,7 +99,6 @@ pub static BULK: Scenario = Scenario {
     failures: 0,
     attacks: &[],
     queue_capacity: 1,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// An attacker sends a payload naming user 0 (as an owner) and a forged marker around a real
@@ -120,7 +114,6 @@ pub static ATTACKER: Scenario = Scenario {
     failures: 0,
     attacks: &[Attack::Promote(0), Attack::Marker],
     queue_capacity: 1,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// One delete, one lookup at a time (so no load can race another).
@@ -135,7 +128,6 @@ pub static DELETE: Scenario = Scenario {
     failures: 1,
     attacks: &[],
     queue_capacity: 2,
-    code_rule_breaks: &[MONOTONIC],
 };
 
 /// The same with two lookups in flight at once: a slow load can race a newer one.
@@ -143,7 +135,6 @@ pub static DELETE_RACING_LOADS: Scenario = Scenario {
     name: "delete_racing_loads",
     concurrent_lookups: 2,
     failures: 0,
-    code_rule_breaks: &[MONOTONIC],
     ..DELETE
 };
 

@@ -13,10 +13,13 @@ use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 
-use super::{Striped, SyncState};
+use super::{stripe_of, Striped, SyncState};
 use crate::cache::rule::{Decision, Slot, Writer};
 use crate::cache::WriteOutcome;
 use crate::role::{Role, RoleState};
+
+/// The one user of these tests.
+const ID: i64 = 7;
 
 const ADMIN: RoleState = RoleState {
     role: Some(Role::Admin),
@@ -71,14 +74,11 @@ impl World {
         (slot.epoch == epoch).then_some(slot.state)
     }
 
-    /// `RoleCache::write`: the real rule, under the per-key lock.
+    /// `RoleCache::write`: the real rule (and the counter's bump), under the per-key lock.
     fn write(&self, new: Slot, writer: Writer) -> WriteOutcome {
-        if !self.sync.admits(new.epoch) {
-            return WriteOutcome::OldEpoch;
-        }
         let _key = self.key_lock.lock().unwrap();
         let existing = *self.slot.lock().unwrap();
-        match self.sync.decide(existing, new, writer) {
+        match self.sync.decide(stripe_of(ID), existing, new, writer) {
             Decision::Put => *self.slot.lock().unwrap() = Some(new),
             Decision::Remove => *self.slot.lock().unwrap() = None,
             Decision::Keep(why) => return why,
@@ -89,14 +89,14 @@ impl World {
     /// `RoleCache::begin_load`, the query, `RoleCache::store_load`: the bot's own write path,
     /// and a lookup's miss.
     fn load(&self) -> RoleState {
-        let ticket = self.sync.ticket();
+        let ticket = self.sync.ticket(&[ID]);
         let state = self.read_row();
         let slot = Slot {
             state,
             epoch: ticket.epoch,
         };
         let writer = Writer::Load {
-            changes_seen: ticket.changes_seen,
+            changes_seen: ticket.expected(stripe_of(ID)),
         };
         self.write(slot, writer);
         state
@@ -108,17 +108,29 @@ impl World {
             return state;
         }
         if !self.sync.is_synced() {
-            return self.read_row();
+            // A bypass read: stores nothing, removes a different slot stored meanwhile.
+            let epoch = self.sync.epoch();
+            let state = self.read_row();
+            self.write(Slot { state, epoch }, Writer::Bypass);
+            return state;
         }
         self.load()
     }
 
     /// The listener's re-read of the row a notification named, then `RoleCache::apply_reread`.
     fn reread(&self) {
-        let epoch = self.sync.epoch();
+        let ticket = self.sync.ticket(&[ID]);
         let state = self.read_row();
-        self.sync.note_reread();
-        self.write(Slot { state, epoch }, Writer::Reread);
+        let writer = Writer::Reread {
+            changes_seen: ticket.expected(stripe_of(ID)),
+        };
+        self.write(
+            Slot {
+                state,
+                epoch: ticket.epoch,
+            },
+            writer,
+        );
     }
 
     /// `RoleCache::resync`: a new epoch, then the flush.
@@ -244,6 +256,32 @@ fn a_load_running_across_a_disconnect_is_not_served_after_the_reconnect() {
             "the load from before the reconnect"
         );
         assert_eq!(world.lookup(), USER);
+    });
+}
+
+/// The listener re-reads the row (`admin`) while it is demoted and a lookup loads it: if the
+/// lookup returned `user`, no later lookup returns `admin`, whichever write lands last.
+#[test]
+fn once_a_lookup_returned_the_newer_row_no_older_one_is_served() {
+    loom::model(|| {
+        let world = Arc::new(World::synced(Some(ADMIN)));
+        let listener = {
+            let world = world.clone();
+            thread::spawn(move || world.reread())
+        };
+        let dba = {
+            let world = world.clone();
+            thread::spawn(move || world.set_row(Some(USER)))
+        };
+        let got = world.lookup();
+        dba.join().unwrap();
+        if got == USER {
+            assert_ne!(world.peek(), Some(ADMIN), "older than a state returned");
+        }
+        listener.join().unwrap();
+        if got == USER {
+            assert_ne!(world.peek(), Some(ADMIN), "older than a state returned");
+        }
     });
 }
 

@@ -225,10 +225,10 @@ async fn a_synced_cache_that_says_admin_cannot_change_roles() {
     let running = InProcessBot::start(&db, &stub, TOKEN).await;
     let cache = &running.instance.cache;
     assert!(cache.is_synced());
-    let ticket = cache.begin_load();
+    let mut ticket = cache.begin_load(&[forger.id]);
     let forged = RoleState::present(Role::Admin, 1_000_000);
     assert_eq!(
-        cache.store_load(forger.id, forged, ticket).await,
+        cache.store_load(forger.id, forged, &mut ticket).await,
         WriteOutcome::Applied
     );
     assert!(cache.is_synced());
