@@ -41,7 +41,7 @@ use std::time::Duration;
 use moka::ops::compute::Op;
 use tokio::sync::broadcast;
 
-use crate::role::{Role, RoleState, RoleVersion, RowChange, RowOp, UserId};
+use crate::role::{Role, RoleState, RoleVersion, RowOp, UserId};
 use rule::{Decision, Writer};
 use stats::Counters;
 use sync::SyncState;
@@ -173,7 +173,7 @@ struct Inner {
 
 impl RoleCache {
     /// A cache holding at most `max_entries` users. It starts unsynced (bypass) until the
-    /// listener calls [`RoleCache::mark_synced`].
+    /// listener marks it synced.
     pub fn new(max_entries: u64) -> Self {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         RoleCache {
@@ -263,12 +263,12 @@ impl RoleCache {
 
     /// Call before querying the database for rows of `keys` that will be passed to
     /// [`RoleCache::store_load`] (or, for the listener, [`RoleCache::apply_reread`]).
-    pub fn begin_load(&self, keys: &[UserId]) -> LoadTicket {
+    pub(crate) fn begin_load(&self, keys: &[UserId]) -> LoadTicket {
         self.inner.sync.ticket(keys)
     }
 
     /// Caches a row loaded from the database under the write rule.
-    pub async fn store_load(
+    pub(crate) async fn store_load(
         &self,
         user_id: UserId,
         state: RoleState,
@@ -288,7 +288,7 @@ impl RoleCache {
     /// [`CacheEvent::Changed`] unless the cache already held exactly this state (and the
     /// notification did not announce it: the bot's own write, stored first) or the re-read is
     /// an older epoch's.
-    pub async fn apply_reread(
+    pub(crate) async fn apply_reread(
         &self,
         user_id: UserId,
         found: Option<RoleState>,
@@ -329,7 +329,13 @@ impl RoleCache {
 
     /// Applies one row change as the truth, read in `epoch` (tests and benchmarks that drive
     /// the cache without a database): like [`RoleCache::apply_reread`] of `change.state`.
-    pub async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+    #[cfg(any(test, feature = "test-support"))]
+    pub(crate) async fn apply(
+        &self,
+        change: &crate::role::RowChange,
+        epoch: Epoch,
+        lag: Duration,
+    ) -> WriteOutcome {
         let found = change.state.role.is_some().then_some(change.state);
         let hint = RowHint {
             op: RowOp::Update,
@@ -392,7 +398,7 @@ impl RoleCache {
     }
 
     /// Flushes every cached role and starts a new epoch. Returns the new epoch.
-    pub fn resync(&self, reason: ResyncReason) -> Epoch {
+    pub(crate) fn resync(&self, reason: ResyncReason) -> Epoch {
         let epoch = self.inner.sync.bump_epoch();
         self.inner.entries.invalidate_all();
         self.inner.counters.resyncs[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -403,21 +409,21 @@ impl RoleCache {
     /// Flushes every cached role into a new epoch without reporting a resync: the listener's
     /// first sync, when nothing was served from the cache yet but the bot may have cached its
     /// own writes.
-    pub fn flush_quietly(&self) {
+    pub(crate) fn flush_quietly(&self) {
         self.inner.sync.bump_epoch();
         self.inner.entries.invalidate_all();
     }
 
     /// Starts serving cached roles (called by the listener once LISTEN is in place, the
     /// triggers are verified and the cache was flushed).
-    pub fn mark_synced(&self) {
+    pub(crate) fn mark_synced(&self) {
         self.inner.sync.mark_synced();
         self.publish(CacheEvent::Connected);
     }
 
     /// Stops serving cached roles: lookups read the database until the next
     /// [`RoleCache::mark_synced`]. Bumps the epoch so that no load running now is cached.
-    pub fn mark_unsynced(&self, error: impl Into<String>) {
+    pub(crate) fn mark_unsynced(&self, error: impl Into<String>) {
         if self.inner.sync.mark_unsynced() {
             self.publish(CacheEvent::Disconnected {
                 error: error.into(),
@@ -433,7 +439,7 @@ impl RoleCache {
     }
 
     /// Publishes an event to all subscribers (none is fine).
-    pub fn publish(&self, event: CacheEvent) {
+    pub(crate) fn publish(&self, event: CacheEvent) {
         let _ = self.inner.events.send(event);
     }
 
@@ -470,7 +476,7 @@ impl RoleCache {
 
     /// The keys the cache holds now, whatever their epoch: what a refill re-reads after a
     /// flush (take it before the flush: moka's `invalidate_all` hides them at once).
-    pub fn held_keys(&self) -> Vec<UserId> {
+    pub(crate) fn held_keys(&self) -> Vec<UserId> {
         self.inner.entries.iter().map(|(key, _)| *key).collect()
     }
 
@@ -480,9 +486,85 @@ impl RoleCache {
     }
 }
 
+/// The cache's write side, for tests and benchmarks that drive a [`RoleCache`] without a
+/// listener (the internal `test-support` feature). In the product only the listener and the
+/// bot's own writes reach these: a caller of the public API cannot store or flush anything.
+#[cfg(feature = "test-support")]
+pub mod testing {
+    use std::time::Duration;
+
+    use super::{CacheEvent, Epoch, LoadTicket, ResyncReason, RoleCache, RowHint, WriteOutcome};
+    use crate::role::{RoleState, RowChange, UserId};
+
+    /// The crate-private writes of [`RoleCache`], one for one.
+    #[allow(async_fn_in_trait)]
+    pub trait WriteSide {
+        fn begin_load(&self, keys: &[UserId]) -> LoadTicket;
+        async fn store_load(
+            &self,
+            user_id: UserId,
+            state: RoleState,
+            ticket: &mut LoadTicket,
+        ) -> WriteOutcome;
+        async fn apply_reread(
+            &self,
+            user_id: UserId,
+            found: Option<RoleState>,
+            hint: RowHint,
+            ticket: &mut LoadTicket,
+            lag: Duration,
+        ) -> WriteOutcome;
+        async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome;
+        fn resync(&self, reason: ResyncReason) -> Epoch;
+        fn mark_synced(&self);
+        fn mark_unsynced(&self, error: &str);
+        fn publish(&self, event: CacheEvent);
+    }
+
+    impl WriteSide for RoleCache {
+        fn begin_load(&self, keys: &[UserId]) -> LoadTicket {
+            RoleCache::begin_load(self, keys)
+        }
+        async fn store_load(
+            &self,
+            user_id: UserId,
+            state: RoleState,
+            ticket: &mut LoadTicket,
+        ) -> WriteOutcome {
+            RoleCache::store_load(self, user_id, state, ticket).await
+        }
+        async fn apply_reread(
+            &self,
+            user_id: UserId,
+            found: Option<RoleState>,
+            hint: RowHint,
+            ticket: &mut LoadTicket,
+            lag: Duration,
+        ) -> WriteOutcome {
+            RoleCache::apply_reread(self, user_id, found, hint, ticket, lag).await
+        }
+        async fn apply(&self, change: &RowChange, epoch: Epoch, lag: Duration) -> WriteOutcome {
+            RoleCache::apply(self, change, epoch, lag).await
+        }
+        fn resync(&self, reason: ResyncReason) -> Epoch {
+            RoleCache::resync(self, reason)
+        }
+        fn mark_synced(&self) {
+            RoleCache::mark_synced(self)
+        }
+        fn mark_unsynced(&self, error: &str) {
+            RoleCache::mark_unsynced(self, error)
+        }
+        fn publish(&self, event: CacheEvent) {
+            RoleCache::publish(self, event)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::role::RowChange;
 
     fn change(user_id: UserId, role: Option<Role>, version: RoleVersion) -> RowChange {
         RowChange {

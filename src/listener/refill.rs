@@ -4,12 +4,12 @@
 //!
 //! # Contract
 //!
-//! * The listener snapshots the keys the cache holds ([`RoleCache::held_keys`]) just before it
+//! * The listener snapshots the keys the cache holds (`RoleCache::held_keys`) just before it
 //!   flushes, and hands them here after the flush. They are re-read in batches of
 //!   [`RefillConfig::batch`] ids (`WHERE user_id = ANY($1)`) through the pool, with unnamed
 //!   statements (`query_typed`: the pool may lead to PgBouncer in transaction mode).
 //! * Every row goes through the one write rule as a `Writer::Load` whose ticket
-//!   ([`RoleCache::begin_load`]) is taken for the batch's keys **before** its query. So a write
+//!   (`RoleCache::begin_load`) is taken for the batch's keys **before** its query. So a write
 //!   of one of those keys that finished while the batch ran (the listener's re-read of a newer
 //!   notification, a lookup's load) keeps the batch's row of that key out of the cache
 //!   (`cache::rule::decide`): a newer notification always wins over a refill row. Dropped rows

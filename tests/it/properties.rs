@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+use rolecache::cache::testing::WriteSide;
 use rolecache::cache::{ResyncReason, WriteOutcome};
 use rolecache::listener::payload::{parse, Payload, RowChange, RowOp, MAX_BATCH_CHANGES};
 use rolecache::{Role, RoleCache, RoleState};

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rolecache::cache::testing::WriteSide;
 use rolecache::cache::{Source, WriteOutcome};
 use rolecache::instance::Instance;
 use rolecache::{Role, RoleState};

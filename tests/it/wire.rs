@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use rolecache::cache::testing::WriteSide;
 use rolecache::cache::{ResyncReason, Source};
 use rolecache::instance::Instance;
 use rolecache::listener::Listener;

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use rolecache::cache::testing::WriteSide;
 use rolecache::cache::{ResyncReason, RoleCache, RowHint, Source, WriteOutcome};
 use rolecache::listener::payload::{RowChange, RowOp};
 use rolecache::role::{Role, RoleState};

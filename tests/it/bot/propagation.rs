@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::{whoami, InProcessBot, Spawn, World, ADMIN_MENU, TOKEN, USER_MENU};
 use crate::harness::{eventually, TestDb};
+use rolecache::cache::testing::WriteSide;
 use rolecache::cache::WriteOutcome;
 use rolecache::telegram_stub::{TelegramStub, TgUser};
 use rolecache::{Role, RoleState};
