@@ -12,10 +12,10 @@ use serde::Serialize;
 
 use super::stats::Zipf;
 use super::BenchDb;
-use crate::cache::{RoleCache, Source};
-use crate::instance::{Instance, InstanceOptions};
-use crate::listener::refill::RefillConfig;
-use crate::role::{RoleState, UserId};
+use rolecache::cache::{RoleCache, Source};
+use rolecache::instance::{Instance, InstanceOptions};
+use rolecache::listener::refill::RefillConfig;
+use rolecache::role::{RoleState, UserId};
 
 /// The hit rate that counts as recovered.
 const RECOVERED: f64 = 0.99;
@@ -233,7 +233,7 @@ async fn one(
                         tokio::task::yield_now().await;
                     }
                 }
-                Ok::<_, crate::db::RepoError>(())
+                Ok::<_, rolecache::db::RepoError>(())
             })
         })
         .collect();
