@@ -3,11 +3,16 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, in a layer of their own: it is rebuilt only when Cargo.toml or Cargo.lock
-# change, not on every source edit. (Stub sources stand in for ours while it builds.)
+# change, not on every source edit. (Stub sources stand in for ours while it builds.) The
+# workspace's other members (crates/: the test kit and the benchmark, not in the image) need
+# their manifests and a stub source each for cargo to load the workspace.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+COPY crates/testkit/Cargo.toml crates/testkit/
+COPY crates/bench/Cargo.toml crates/bench/
+RUN mkdir -p src crates/testkit/src crates/bench/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs crates/testkit/src/lib.rs \
+    && echo 'fn main() {}' > crates/bench/src/main.rs \
     && cargo build --release --locked --bin rolecache \
     && rm -rf src target/release/rolecache* target/release/deps/rolecache-* \
         target/release/deps/librolecache-* target/release/.fingerprint/rolecache-*

@@ -24,7 +24,7 @@ pub struct Cli {
     /// PostgreSQL for queries (the pool); may lead to PgBouncer in transaction mode. libpq's
     /// sslmode (disable, prefer, require, verify-ca, verify-full) and sslrootcert apply. Unset:
     /// `watch` and the bot start a private cluster in --data-dir when PostgreSQL is installed;
-    /// `migrate` and `bench` use postgres://postgres@127.0.0.1:5432/postgres.
+    /// `migrate` uses postgres://postgres@127.0.0.1:5432/postgres.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -117,9 +117,6 @@ pub enum Command {
     Migrate,
     /// Run the listener and the cache without Telegram and print one JSON line per event.
     Watch,
-    /// Measure the cache against no cache, a TTL cache and a bare LISTEN client (in a database
-    /// of its own on the server of DATABASE_URL, dropped afterwards).
-    Bench(crate::bench::BenchArgs),
     /// Probe a running instance's /readyz (the container HEALTHCHECK; the image has no curl):
     /// exit 0 when ready, 1 with the reason otherwise. Default: ROLECACHE_HTTP_ADDR's port on
     /// 127.0.0.1 (8080 when unset).

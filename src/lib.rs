@@ -20,11 +20,8 @@
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` (and the bot's webhook) over HTTP.
-//! * [`telegram_stub`] — a local Bot API stand-in (tests, the bench's end-to-end section).
 //! * [`telemetry`] — logging setup.
-//! * [`mod@bench`] — `rolecache bench`: the cache against no cache, a TTL cache and raw LISTEN.
 
-pub mod bench;
 pub mod bot;
 pub mod cache;
 pub mod config;
@@ -34,7 +31,6 @@ pub mod http;
 pub mod instance;
 pub mod listener;
 pub mod role;
-pub mod telegram_stub;
 pub mod telemetry;
 pub mod watch;
 

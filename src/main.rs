@@ -2,17 +2,15 @@
 
 use std::process::ExitCode;
 
-use rolecache::bench::BenchArgs;
 use rolecache::config::{self, Command, DatabaseError, RunConfig, WebhookConfig, EXIT_CONFIG};
 use rolecache::instance::{self, InstanceOptions};
-use rolecache::{bench, bot, telemetry, watch};
+use rolecache::{bot, telemetry, watch};
 
 /// A subcommand with the settings it needs.
 enum Job {
     Run(RunConfig),
     Migrate,
     Watch,
-    Bench(BenchArgs),
     Healthcheck(String, std::time::Duration),
     SetWebhook(String, WebhookConfig),
     DeleteWebhook(String, bool),
@@ -26,7 +24,6 @@ fn main() -> ExitCode {
         Command::Run => cli.telegram.run_config().map(Job::Run),
         Command::Migrate => Ok(Job::Migrate),
         Command::Watch => Ok(Job::Watch),
-        Command::Bench(args) => Ok(Job::Bench(args)),
         Command::Healthcheck { url, timeout } => {
             let url = url.unwrap_or_else(|| rolecache::http::health::default_url(cli.http_addr));
             Ok(Job::Healthcheck(url, timeout))
@@ -95,7 +92,6 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Job::Watch => watch::run(&pg, &options, cli.http_addr, shutdown_signal()).await,
-            Job::Bench(args) => bench::run(&pg.direct, &args).await,
             Job::SetWebhook(..) | Job::DeleteWebhook(..) | Job::Healthcheck(..) => Ok(()),
         }
     });

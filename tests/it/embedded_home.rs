@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use rolecache::telegram_stub::TelegramStub;
+use rolecache_testkit::telegram_stub::TelegramStub;
 
 use crate::harness::init_tracing;
 use crate::tls::bin;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 use crate::harness::{eventually, TestDb};
 

@@ -4,122 +4,62 @@
 //! answers there and PostgreSQL binaries are installed, one private throwaway cluster is started
 //! for this test process and stopped when it exits. Databases are named
 //! `rolecache_t_<pid>_<n>`; leftovers of test processes that no longer run are dropped at start.
+//! The database handling itself is the test kit's (`rolecache_testkit::db`); what is here needs
+//! rolecache: its migrations, its instances, its private cluster as the fallback.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rolecache::embedded::{PrivateCluster, StopMode};
 use rolecache::instance::{Instance, InstanceOptions};
 use rolecache::listener::ListenerConfig;
 use rolecache::{RoleCache, RoleState};
-use tokio_postgres::{Client, NoTls};
-
-const DB_PREFIX: &str = "rolecache_t_";
-
-struct Server {
-    /// Connection settings of the server's `postgres` database.
-    admin: tokio_postgres::Config,
-}
+use rolecache_testkit::{FreshDb, Server};
+use tokio_postgres::Client;
 
 static SERVER: OnceLock<Server> = OnceLock::new();
-static FALLBACK: Mutex<Option<PrivateCluster>> = Mutex::new(None);
-static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
 fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| rolecache::db::DEFAULT_DATABASE_URL.to_string());
-        let mut admin = rolecache::db::parse_url(&url).expect("DATABASE_URL must parse");
-        if !answers(&admin) {
-            admin = start_fallback_cluster();
-        }
-        admin.dbname("postgres");
-        drop_leftovers(&admin);
-        Server { admin }
+        let configured = rolecache::db::parse_url(&url).expect("DATABASE_URL must parse");
+        Server::discover(configured, "rolecache_t_", start_fallback_cluster)
     })
 }
 
 /// Connection settings of the test server's `postgres` database (for tests that put something,
 /// such as a pooler, in front of it).
 pub fn server_config() -> tokio_postgres::Config {
-    server().admin.clone()
+    server().admin_config()
 }
 
-fn answers(config: &tokio_postgres::Config) -> bool {
-    block_on(async {
-        tokio::time::timeout(Duration::from_secs(3), config.connect(NoTls))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    })
+/// The private throwaway cluster of a test process; stopped, and its directory removed, when
+/// dropped (at process exit).
+struct FallbackCluster {
+    cluster: PrivateCluster,
+    dir: std::path::PathBuf,
 }
 
-fn start_fallback_cluster() -> tokio_postgres::Config {
+impl Drop for FallbackCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop(StopMode::Immediate);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_fallback_cluster() -> Result<(tokio_postgres::Config, FallbackCluster), String> {
     let dir = std::env::temp_dir().join(format!("rolecache-test-pg-{}", std::process::id()));
-    let cluster = PrivateCluster::start(&dir.join("data"), 0)
-        .expect("no PostgreSQL answers at DATABASE_URL and a private cluster could not start");
+    let cluster = PrivateCluster::start(&dir.join("data"), 0).map_err(|e| e.to_string())?;
     eprintln!(
         "harness: started a private PostgreSQL on port {}",
         cluster.port()
     );
-    let config = rolecache::db::parse_url(&cluster.url("postgres")).expect("cluster url");
-    *FALLBACK.lock().unwrap() = Some(cluster);
-    extern "C" fn stop_fallback() {
-        if let Ok(mut guard) = FALLBACK.lock() {
-            if let Some(mut cluster) = guard.take() {
-                let _ = cluster.stop(StopMode::Immediate);
-                let _ = std::fs::remove_dir_all(cluster.data_dir().parent().unwrap());
-            }
-        }
-    }
-    // SAFETY: registers a plain extern "C" function; it runs once at process exit.
-    unsafe { libc::atexit(stop_fallback) };
-    config
-}
-
-/// Drops test databases left behind by test processes that have exited.
-fn drop_leftovers(admin: &tokio_postgres::Config) {
-    block_on(async {
-        let client = connect(admin).await;
-        let rows = client
-            .query(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'rolecache\\_t\\_%'",
-                &[],
-            )
-            .await
-            .expect("list databases");
-        for row in rows {
-            let name: String = row.get(0);
-            let pid = name[DB_PREFIX.len()..].split('_').next().unwrap_or("");
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await;
-            }
-        }
-    });
-}
-
-/// Runs a future to completion on a runtime of its own, on another thread (usable from Drop and
-/// from inside a test's runtime).
-fn block_on<F: Future + Send>(future: F) -> F::Output
-where
-    F::Output: Send,
-{
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(future)
-        })
-        .join()
-        .expect("harness thread panicked")
-    })
+    let config = rolecache::db::parse_url(&cluster.url("postgres")).map_err(|e| e.to_string())?;
+    Ok((config, FallbackCluster { cluster, dir }))
 }
 
 /// Logs of the code under test, captured per test (shown for failing tests); `RUST_LOG` filters.
@@ -135,24 +75,22 @@ pub fn init_tracing() {
 
 /// A plain connection (like a DBA's psql session), driven on a task of its own.
 pub async fn connect(config: &tokio_postgres::Config) -> Client {
-    let (client, connection) = config.connect(NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    rolecache_testkit::Connector::plain()
+        .client(config)
+        .await
+        .expect("connect")
 }
 
 /// A database of its own for one test; dropped (with FORCE) when this value is dropped.
 pub struct TestDb {
-    name: String,
-    config: tokio_postgres::Config,
+    db: FreshDb,
 }
 
 impl TestDb {
     /// A fresh database with the rolecache schema applied.
     pub async fn new() -> TestDb {
         let db = TestDb::empty().await;
-        rolecache::instance::migrate(&db.config)
+        rolecache::instance::migrate(db.db.config())
             .await
             .expect("migrations apply");
         db
@@ -161,49 +99,34 @@ impl TestDb {
     /// A fresh database without the schema.
     pub async fn empty() -> TestDb {
         init_tracing();
-        let server = server();
-        let name = format!(
-            "{DB_PREFIX}{}_{}",
-            std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = connect(&server.admin).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create test database");
-        let mut config = server.admin.clone();
-        config.dbname(&name);
-        TestDb { name, config }
+        let db = server().create().await.expect("create test database");
+        TestDb { db }
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.db.name()
     }
 
     pub fn config(&self) -> tokio_postgres::Config {
-        self.config.clone()
+        self.db.config().clone()
     }
 
     /// A URL for this database (for child processes).
     pub fn url(&self) -> String {
-        let host = match &self.config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        };
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        let user = self.config.get_user().unwrap_or("postgres");
-        format!("postgres://{user}@{host}:{port}/{}", self.name)
+        self.db.url()
     }
 
     /// A new plain session on this database.
     pub async fn client(&self) -> Client {
-        connect(&self.config).await
+        self.db.client().await.expect("connect")
     }
 
     /// A session on the server's `postgres` database (for statements about this database).
     pub async fn admin(&self) -> Client {
-        connect(&server().admin).await
+        self.db
+            .admin()
+            .await
+            .expect("connect to the postgres database")
     }
 
     /// Runs SQL on a new session, as a DBA would in psql.
@@ -278,7 +201,7 @@ impl TestDb {
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = $1 AND application_name = $2",
-                &[&self.name, &rolecache::listener::APPLICATION_NAME],
+                &[&self.name(), &rolecache::listener::APPLICATION_NAME],
             )
             .await
             .expect("terminate listeners")
@@ -293,7 +216,7 @@ impl TestDb {
 
     pub async fn instance_with(&self, options: InstanceOptions) -> Instance {
         let cache = RoleCache::new(options.cache_capacity);
-        let instance = Instance::start(&self.config, &options, cache)
+        let instance = Instance::start(self.db.config(), &options, cache)
             .await
             .expect("instance starts");
         assert!(
@@ -302,22 +225,6 @@ impl TestDb {
             instance.listener.state()
         );
         instance
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let admin = server().admin.clone();
-        let name = self.name.clone();
-        block_on(async move {
-            let client = connect(&admin).await;
-            if let Err(e) = client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .await
-            {
-                eprintln!("harness: could not drop {name}: {e}");
-            }
-        });
     }
 }
 
@@ -424,82 +331,82 @@ pub async fn listener_barrier(db: &TestDb, instance: &Instance, user_id: i64) {
         .unwrap_or_else(|_| panic!("barrier: user {user_id}'s change not applied within 10 s"));
 }
 
-/// The channel of [`RawListener::barrier`]'s markers (nothing else uses it).
-const MARKER_CHANNEL: &str = "rolecache_test_marker";
-
-/// A bare LISTEN session on `role_changes` that collects raw payloads (the physical floor).
-pub struct RawListener {
-    _client: Client,
-    /// (channel, payload), in delivery (= commit) order.
-    payloads: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-    markers: u64,
-}
+/// A bare LISTEN session on `role_changes` that collects raw payloads (the physical floor): the
+/// test kit's, failing the test on a database error.
+pub struct RawListener(rolecache_testkit::RawListener);
 
 impl RawListener {
     pub async fn start(db: &TestDb) -> RawListener {
-        use futures_util::StreamExt;
-        let (client, mut connection) = db.config.connect(NoTls).await.expect("connect");
-        let (tx, payloads) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    let received = (n.channel().to_string(), n.payload().to_string());
-                    if tx.send(received).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        client
-            .batch_execute(&format!("LISTEN role_changes; LISTEN {MARKER_CHANNEL}"))
+        let raw = rolecache_testkit::RawListener::start(&db.db)
             .await
             .expect("LISTEN");
-        RawListener {
-            _client: client,
-            payloads,
-            markers: 0,
-        }
+        RawListener(raw)
     }
 
     /// The next `role_changes` payload, if one arrives within `limit`.
     pub async fn next_within(&mut self, limit: Duration) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let (channel, payload) = tokio::time::timeout_at(deadline, self.payloads.recv())
-                .await
-                .ok()
-                .flatten()?;
-            if channel == "role_changes" {
-                return Some(payload);
-            }
-        }
+        self.0.next_within(limit).await
     }
 
-    /// A barrier: commits a marker notification on a new session and returns every
-    /// `role_changes` payload delivered before it. Notifications are delivered in commit order,
-    /// so these are all the payloads of every transaction that committed before this call: an
-    /// empty answer means the statements run before sent nothing, with no waiting on a clock.
+    /// A barrier: every `role_changes` payload delivered before a marker committed now (see
+    /// `rolecache_testkit::RawListener::barrier`); an empty answer means the statements run
+    /// before sent nothing.
     pub async fn barrier(&mut self, db: &TestDb) -> Vec<String> {
-        self.markers += 1;
-        let marker = format!("marker {}", self.markers);
-        db.client()
+        self.0.barrier(&db.db).await.expect("raw listener barrier")
+    }
+}
+
+/// The harness's own database handling (the test kit's), checked on the real server.
+mod tests {
+    use super::*;
+
+    async fn exists(admin: &Client, name: &str) -> bool {
+        admin
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
             .await
-            .execute("SELECT pg_notify($1, $2)", &[&MARKER_CHANNEL, &marker])
-            .await
-            .expect("send the marker");
-        let mut before = Vec::new();
-        loop {
-            let (channel, payload) =
-                tokio::time::timeout(Duration::from_secs(10), self.payloads.recv())
-                    .await
-                    .expect("the marker arrives within 10 s")
-                    .expect("the raw listener is alive");
-            match channel.as_str() {
-                MARKER_CHANNEL if payload == marker => return before,
-                "role_changes" => before.push(payload),
-                _ => {}
+            .expect("look the database up")
+            .is_some()
+    }
+
+    #[tokio::test]
+    async fn a_test_database_is_dropped_with_its_value() {
+        let db = TestDb::empty().await;
+        let name = db.name().to_string();
+        assert!(name.starts_with(&format!("rolecache_t_{}_", std::process::id())));
+        let admin = db.admin().await;
+        assert!(exists(&admin, &name).await);
+        drop(db);
+        assert!(!exists(&admin, &name).await, "{name} is still there");
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_processes_that_no_longer_run_are_dropped_and_others_kept() {
+        // A prefix of this test's own, so that no other test process's databases are touched;
+        // i32::MAX is never a process id.
+        let prefix = "rolecache_tk_";
+        let dead = format!("{prefix}{}_0", i32::MAX);
+        let alive = format!("{prefix}{}_0", std::process::id());
+        let admin = connect(&server_config()).await;
+        for name in [&dead, &alive] {
+            for statement in [
+                format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+                format!("CREATE DATABASE \"{name}\""),
+            ] {
+                admin.batch_execute(&statement).await.expect(&statement);
             }
         }
+        let kit = Server::new(
+            server_config(),
+            rolecache_testkit::Connector::plain(),
+            prefix,
+        );
+        kit.drop_leftovers().await.expect("drop leftovers");
+        let (dead_left, alive_left) = (exists(&admin, &dead).await, exists(&admin, &alive).await);
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{alive}\" WITH (FORCE)"))
+            .await
+            .expect("clean up");
+        assert!(!dead_left, "{dead} was kept");
+        assert!(alive_left, "{alive} was dropped");
     }
 }

@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use super::{whoami, World};
-use rolecache::telegram_stub::{StubBot, TgUser};
+use rolecache_testkit::telegram_stub::{StubBot, TgUser};
 
 /// Roles and audit rows, to show that nothing changed.
 async fn snapshot(world: &World) -> (Vec<(i64, String)>, i64) {
@@ -137,7 +137,7 @@ async fn commands_for_another_bot_edits_channel_posts_and_senderless_messages_ar
     assert_eq!(whoami(&bot.ask(&admin, "/whoami").await).1, "admin");
     // The others were fetched (confirmed) and the bot still answers in every chat it may.
     crate::harness::eventually(
-        rolecache::telegram_stub::SOON,
+        rolecache_testkit::telegram_stub::SOON,
         "all updates fetched",
         || {
             let confirmed = bot.confirmed();

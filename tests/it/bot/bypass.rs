@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{whoami, Spawn, World, OWNER, TOKEN};
 use crate::harness::TestDb;
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 /// The triggers of migration 0001, each re-enabled with ENABLE ALWAYS (what the listener checks).
 const TRIGGERS: [&str; 5] = [

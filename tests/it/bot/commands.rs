@@ -1,7 +1,7 @@
 //! Commands through the bot: the permission matrix, arguments, and what mutations write.
 
 use super::{whoami, World, OWNER};
-use rolecache::telegram_stub::TgUser;
+use rolecache_testkit::telegram_stub::TgUser;
 
 const ROLES: [&str; 4] = ["owner", "admin", "user", "banned"];
 const ACTIONS: [&str; 5] = [

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{whoami, BotProcess, Spawn, TOKEN};
 use crate::harness::{ScratchCluster, TestDb};
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 const TOOK: &str = "took the leader lock";
 const SOON: Duration = Duration::from_secs(10);

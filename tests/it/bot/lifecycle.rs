@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::{whoami, Spawn, World, OWNER, TOKEN, USER_MENU};
 use crate::harness::{eventually, TestDb};
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 #[tokio::test]
 async fn first_message_registers_the_user_and_whoami_answers_two_lines() {

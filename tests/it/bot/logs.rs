@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{whoami, BotProcess, Spawn};
 use crate::harness::TestDb;
 use crate::http::http_get;
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 const SECRET_TOKEN: &str = "1004:AAH_tok3n_Secret_part";
 const TOKEN_SECRET_PART: &str = "AAH_tok3n_Secret_part";

@@ -25,7 +25,7 @@ use crate::harness::TestDb;
 use rolecache::bot::BotState;
 use rolecache::http::Metrics;
 use rolecache::instance::Instance;
-use rolecache::telegram_stub::{StubBot, TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{StubBot, TelegramStub, TgUser};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rolecache");
 

@@ -11,8 +11,8 @@ use super::{whoami, InProcessBot, Spawn, World, ADMIN_MENU, TOKEN, USER_MENU};
 use crate::harness::{eventually, TestDb};
 use rolecache::cache::testing::WriteSide;
 use rolecache::cache::WriteOutcome;
-use rolecache::telegram_stub::{TelegramStub, TgUser};
 use rolecache::{Role, RoleState};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 #[tokio::test]
 async fn promotion_in_sql_applies_to_the_very_next_message_and_the_menu() {

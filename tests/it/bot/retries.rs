@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{whoami, Spawn, World, OWNER, TOKEN};
 use crate::harness::{eventually, TestDb};
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 #[tokio::test]
 async fn a_role_change_that_loses_a_deadlock_with_a_dba_is_retried_and_done() {

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{whoami, World};
 use rolecache::bot::commands::UNAVAILABLE;
-use rolecache::telegram_stub::TgUser;
+use rolecache_testkit::telegram_stub::TgUser;
 
 /// A session holding `users` locked in ACCESS EXCLUSIVE mode: every statement of the bot that
 /// reads or writes `users` waits until the lock is released. That makes "no query on users" a

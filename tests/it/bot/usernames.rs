@@ -3,7 +3,7 @@
 //! other row when it sees its holder, and refuses a name that several rows still hold.
 
 use super::{whoami, World};
-use rolecache::telegram_stub::TgUser;
+use rolecache_testkit::telegram_stub::TgUser;
 
 async fn holders(world: &World, name: &str) -> Vec<i64> {
     world

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{whoami, BotProcess, Spawn, TOKEN};
 use crate::harness::TestDb;
 use crate::http::http_get;
-use rolecache::telegram_stub::{TelegramStub, TgUser};
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 const HOOK_URL: &str = "https://bot.example.com/tg/hook";
 const HOOK_PATH: &str = "/tg/hook";

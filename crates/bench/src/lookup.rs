@@ -13,9 +13,10 @@ use serde::Serialize;
 
 use super::stats::{Histogram, Zipf};
 use super::BenchDb;
-use crate::db::{RepoError, Repository};
-use crate::instance::Instance;
-use crate::role::{RoleState, UserId};
+use rolecache::cache::testing::WriteSide;
+use rolecache::db::{RepoError, Repository};
+use rolecache::instance::Instance;
+use rolecache::role::{RoleState, UserId};
 
 /// A lookup is stale when it returns a version older than one committed this long before the
 /// lookup began.
@@ -80,7 +81,9 @@ impl Strategy {
                     .await
                     .map_err(|e: Arc<RepoError>| match Arc::try_unwrap(e) {
                         Ok(e) => e,
-                        Err(e) => RepoError::CorruptRole(crate::role::UnknownRole(e.to_string())),
+                        Err(e) => {
+                            RepoError::CorruptRole(rolecache::role::UnknownRole(e.to_string()))
+                        }
                     })
             }
             Strategy::Moka(cache) => Ok(cache.get(&id).await.unwrap_or(RoleState::deleted(0))),

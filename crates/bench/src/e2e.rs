@@ -8,9 +8,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::BenchDb;
-use crate::config::{RunConfig, UpdateSource};
-use crate::instance::InstanceOptions;
-use crate::telegram_stub::{TelegramStub, TgUser};
+use rolecache::config::{RunConfig, UpdateSource};
+use rolecache::instance::InstanceOptions;
+use rolecache_testkit::telegram_stub::{TelegramStub, TgUser};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -59,7 +59,7 @@ async fn measure(
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // The bot's future is not Send: run it beside the driver in this task.
-    let bot = crate::bot::run(&db.config, &options, &config, None, async {
+    let bot = rolecache::bot::run(&db.config, &options, &config, None, async {
         let _ = stopped.await;
     });
     let driver = async {

@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use super::stats::Zipf;
 use super::BenchDb;
-use crate::cache::{RoleCache, Source};
-use crate::instance::{Instance, InstanceOptions};
-use crate::listener::refill::RefillConfig;
-use crate::role::{RoleState, UserId};
+use rolecache::cache::testing::WriteSide;
+use rolecache::cache::{RoleCache, Source};
+use rolecache::instance::{Instance, InstanceOptions};
+use rolecache::listener::refill::RefillConfig;
+use rolecache::role::{RoleState, UserId};
 
 /// The hit rate that counts as recovered.
 const RECOVERED: f64 = 0.99;
@@ -234,7 +235,7 @@ async fn one(
                         tokio::task::yield_now().await;
                     }
                 }
-                Ok::<_, crate::db::RepoError>(())
+                Ok::<_, rolecache::db::RepoError>(())
             })
         })
         .collect();

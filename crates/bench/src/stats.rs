@@ -64,10 +64,6 @@ impl Histogram {
         self.max = self.max.max(other.max);
     }
 
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
     pub fn max(&self) -> u64 {
         self.max
     }

@@ -1,8 +1,8 @@
 //! A stand-in for the Telegram Bot API: a real HTTP server (axum) on 127.0.0.1:0 that teloxide
 //! talks to through `TELOXIDE_API_URL`. Test support, shared by the integration tests and the
-//! end-to-end section of `rolecache bench`: its waiting helpers (`reply_to`, `wait_for`, …)
+//! end-to-end section of `rolecache-bench`: its waiting helpers (`reply_to`, `wait_for`, …)
 //! panic when their deadline passes, as test assertions do; the bench uses only
-//! [`TelegramStub::try_start`], [`StubBot::send`] and [`TelegramStub::requests`].
+//! [`TelegramStub::try_start`], [`StubBot::send`] and [`TelegramStub::wait_count`].
 //!
 //! * `{url}/bot{token}/{Method}`: method names are matched case-insensitively; every request is
 //!   recorded (token, method, JSON or form body).

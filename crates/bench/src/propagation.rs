@@ -6,59 +6,34 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::stats::Histogram;
 use super::BenchDb;
-use crate::cache::CacheEvent;
-use crate::listener::payload::{self, Payload};
-use crate::role::{RoleVersion, UserId};
+use rolecache::cache::CacheEvent;
+use rolecache::listener::payload::{self, Payload};
+use rolecache::role::{RoleVersion, UserId};
+use rolecache_testkit::RawListener;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A bare LISTEN session that timestamps each payload as it comes off the socket.
-pub struct RawListener {
-    _client: tokio_postgres::Client,
-    payloads: mpsc::UnboundedReceiver<(Instant, String)>,
+/// A bare LISTEN session (the test kit's) on the benchmark's database.
+pub(super) async fn raw_listener(db: &BenchDb) -> anyhow::Result<RawListener> {
+    RawListener::start(&db.db)
+        .await
+        .context("start the raw listener")
 }
 
-impl RawListener {
-    pub async fn start(db: &BenchDb) -> anyhow::Result<RawListener> {
-        let (client, mut connection) = crate::db::connect(&db.config)
-            .await
-            .context("raw listener connect")?;
-        let (tx, payloads) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    if tx.send((Instant::now(), n.payload().to_string())).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        client.batch_execute("LISTEN role_changes").await?;
-        Ok(RawListener {
-            _client: client,
-            payloads,
-        })
-    }
-
-    pub(super) async fn next(&mut self) -> anyhow::Result<(Instant, Payload)> {
-        let (at, text) = tokio::time::timeout(WAIT, self.payloads.recv())
-            .await
-            .context("raw listener received nothing")?
-            .context("raw listener closed")?;
-        Ok((at, payload::parse(&text)?))
-    }
+/// The next `role_changes` payload of `raw`, parsed, and when it came off the socket.
+pub(super) async fn next_payload(raw: &mut RawListener) -> anyhow::Result<(Instant, Payload)> {
+    let (at, text) = raw.next_timed(WAIT).await?;
+    Ok((at, payload::parse(&text)?))
 }
 
 /// Forwards the cache's applied changes and resyncs, timestamped on receipt.
 fn cache_events(
-    instance: &crate::instance::Instance,
+    instance: &rolecache::instance::Instance,
 ) -> mpsc::UnboundedReceiver<(Instant, CacheEvent)> {
     let mut events = instance.cache.subscribe();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -107,14 +82,14 @@ pub async fn propagation(
 ) -> anyhow::Result<PropagationResult> {
     let instance = db.instance().await?;
     let mut applied = cache_events(&instance);
-    let mut raw = RawListener::start(db).await?;
+    let mut raw = raw_listener(db).await?;
     let client = db.client().await?;
     let (mut cache_h, mut raw_h) = (Histogram::default(), Histogram::default());
     let mut rng = fastrand::Rng::with_seed(5);
     for _ in 0..changes {
         let (sent, id, version) = change(&client, &mut rng, users).await?;
         loop {
-            let (at, p) = raw.next().await?;
+            let (at, p) = next_payload(&mut raw).await?;
             if matches!(&p, Payload::Changes { changes, .. } if changes.iter().any(|c| c.state.version == version))
             {
                 raw_h.record_duration(at - sent);
@@ -160,7 +135,7 @@ pub async fn bulk(db: &BenchDb, rows: usize, chunked: bool) -> anyhow::Result<Bu
     db.seed_users(rows).await?;
     let instance = db.instance().await?;
     prime(&instance, rows).await?;
-    let mut raw = RawListener::start(db).await?;
+    let mut raw = raw_listener(db).await?;
     let client = db.client().await?;
     if chunked {
         client
@@ -199,7 +174,7 @@ pub async fn bulk(db: &BenchDb, rows: usize, chunked: bool) -> anyhow::Result<Bu
     let mut notifications = 0;
     let mut first_raw = None;
     let raw_done = loop {
-        let (at, p) = raw.next().await?;
+        let (at, p) = next_payload(&mut raw).await?;
         first_raw.get_or_insert(at);
         notifications += 1;
         match p {
@@ -228,7 +203,7 @@ pub async fn bulk(db: &BenchDb, rows: usize, chunked: bool) -> anyhow::Result<Bu
 }
 
 /// Loads every user into the cache, 8 lookups at a time.
-async fn prime(instance: &crate::instance::Instance, rows: usize) -> anyhow::Result<()> {
+async fn prime(instance: &rolecache::instance::Instance, rows: usize) -> anyhow::Result<()> {
     let ids: Vec<UserId> = (1..=rows as UserId).collect();
     for chunk in ids.chunks(8) {
         let lookups = chunk.iter().map(|&id| instance.lookup(id));
@@ -241,7 +216,7 @@ async fn prime(instance: &crate::instance::Instance, rows: usize) -> anyhow::Res
 
 async fn verify_new_roles(
     db: &BenchDb,
-    instance: &crate::instance::Instance,
+    instance: &rolecache::instance::Instance,
     rows: usize,
 ) -> anyhow::Result<()> {
     let client = db.client().await?;

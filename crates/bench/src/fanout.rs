@@ -12,14 +12,14 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::propagation::{change, RawListener};
+use super::propagation::{change, next_payload, raw_listener};
 use super::stats::Histogram;
 use super::BenchDb;
-use crate::cache::{CacheEvent, RoleCache};
-use crate::instance::{Instance, InstanceOptions};
-use crate::listener::payload::Payload;
-use crate::listener::refill::RefillConfig;
-use crate::role::{RoleVersion, UserId};
+use rolecache::cache::{CacheEvent, RoleCache};
+use rolecache::instance::{Instance, InstanceOptions};
+use rolecache::listener::payload::Payload;
+use rolecache::listener::refill::RefillConfig;
+use rolecache::role::{RoleVersion, UserId};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// Sessions committing role changes concurrently in the throughput measurement.
@@ -131,7 +131,7 @@ async fn one(db: &BenchDb, config: &FanoutConfig, n: usize) -> anyhow::Result<Fa
     // N bare LISTEN sessions on the same kind of change.
     let mut raws = Vec::with_capacity(n);
     for _ in 0..n {
-        raws.push(RawListener::start(db).await?);
+        raws.push(raw_listener(db).await?);
     }
     let mut raw_h = Histogram::default();
     for _ in 0..config.changes {
@@ -139,7 +139,7 @@ async fn one(db: &BenchDb, config: &FanoutConfig, n: usize) -> anyhow::Result<Fa
         let mut last = sent;
         for raw in &mut raws {
             loop {
-                let (at, p) = raw.next().await?;
+                let (at, p) = next_payload(raw).await?;
                 if matches!(&p, Payload::Changes { changes, .. } if changes.iter().any(|c| c.state.version == version))
                 {
                     last = last.max(at);

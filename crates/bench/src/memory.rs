@@ -1,5 +1,5 @@
 //! `memory`: resident memory per cached user, next to a bare moka cache holding the same keys
-//! and values. Each side runs in a child process of its own (`rolecache bench --memory-probe`),
+//! and values. Each side runs in a child process of its own (`rolecache-bench --memory-probe`),
 //! so that neither inherits the other's freed memory.
 
 use std::time::Duration;
@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::cache::RoleCache;
-use crate::role::{Role, RoleState, UserId};
+use rolecache::cache::testing::WriteSide;
+use rolecache::cache::RoleCache;
+use rolecache::role::{Role, RoleState, UserId};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryResult {
@@ -43,7 +44,7 @@ async fn probe_child(probe: Probe, users: usize) -> anyhow::Result<f64> {
         Probe::Raw => "raw",
     };
     let out = tokio::process::Command::new(exe)
-        .args(["bench", "--memory-probe", kind, "--memory-users"])
+        .args(["--memory-probe", kind, "--memory-users"])
         .arg(users.to_string())
         .output()
         .await

@@ -1,5 +1,7 @@
-//! `rolecache bench`: the event-driven cache against no cache, a TTL cache and a bare LISTEN
-//! client, side by side in one run, in a database of its own (dropped afterwards).
+//! `rolecache-bench`: the event-driven cache against no cache, a TTL cache and a bare LISTEN
+//! client, side by side in one run, in a database of its own (dropped afterwards). Not part of
+//! the product: it drives rolecache through its public API, with the test kit's database helper,
+//! raw LISTEN client and Bot API stand-in.
 //!
 //! Sections: `lookup` (throughput, latency, queries, staleness under a steady trickle of SQL
 //! role changes), `propagation` (commit → applied), `bulk` (one UPDATE of many rows),
@@ -8,21 +10,93 @@
 //! instances on one server). Progress goes to stderr, the report to stdout.
 //! See docs/BENCHMARKS.md for the method and the numbers.
 
-pub mod e2e;
-pub mod fanout;
-pub mod lookup;
-pub mod memory;
-pub mod propagation;
-pub mod recovery;
-pub mod stats;
+mod e2e;
+mod fanout;
+mod lookup;
+mod memory;
+mod propagation;
+mod recovery;
+mod stats;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Parser;
 use serde::Serialize;
 
-use crate::cache::RoleCache;
-use crate::instance::{Instance, InstanceOptions};
+use rolecache::cache::RoleCache;
+use rolecache::db::DbConfig;
+use rolecache::instance::{Instance, InstanceOptions};
+use rolecache::telemetry::LogFormat;
+use rolecache_testkit::{Connector, FreshDb};
+
+/// Exit code for configuration errors (as the `rolecache` binary's).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rolecache-bench",
+    version,
+    about = "Measure rolecache against no cache, a TTL cache and a bare LISTEN client (in a \
+             database of its own on the server of DATABASE_URL, dropped afterwards)"
+)]
+struct Cli {
+    /// The PostgreSQL server to measure on (libpq's sslmode and sslrootcert apply). Default:
+    /// postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// A file holding DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    database_url_file: Option<std::path::PathBuf>,
+
+    /// Used instead of DATABASE_URL when set (every session of the benchmark is a direct one).
+    #[arg(
+        long = "direct-url",
+        env = "DATABASE_DIRECT_URL",
+        hide_env_values = true
+    )]
+    direct_url: Option<String>,
+
+    /// A file holding DATABASE_DIRECT_URL.
+    #[arg(long = "direct-url-file", env = "DATABASE_DIRECT_URL_FILE")]
+    direct_url_file: Option<std::path::PathBuf>,
+
+    /// Log output format (filter with RUST_LOG, default info).
+    #[arg(long, env = "ROLECACHE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+impl Cli {
+    /// The server: DATABASE_DIRECT_URL, else DATABASE_URL, else the local default; or the one
+    /// line to print.
+    fn server(&self) -> Result<DbConfig, String> {
+        let secret = rolecache::config::secret;
+        let direct = secret(
+            "DATABASE_DIRECT_URL",
+            self.direct_url.as_deref(),
+            self.direct_url_file.as_deref(),
+        )?;
+        let url = secret(
+            "DATABASE_URL",
+            self.database_url.as_deref(),
+            self.database_url_file.as_deref(),
+        )?;
+        let (name, url) = match (direct, url) {
+            (Some(direct), _) => ("DATABASE_DIRECT_URL", direct),
+            (None, Some(url)) => ("DATABASE_URL", url),
+            (None, None) => (
+                "DATABASE_URL",
+                rolecache::db::DEFAULT_DATABASE_URL.to_string(),
+            ),
+        };
+        DbConfig::parse(&url).map_err(|e| e.for_setting(name).to_string())
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
@@ -56,6 +130,43 @@ pub struct BenchArgs {
     pub memory_probe: Option<memory::Probe>,
     #[arg(long, hide = true, default_value_t = 1_000_000)]
     pub memory_users: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let rendered = e.to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!(
+                "rolecache-bench: {} (see rolecache-bench --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    rolecache::telemetry::init(cli.log_format);
+    let server = match cli.server() {
+        Ok(server) => server,
+        Err(line) => {
+            eprintln!("rolecache-bench: {line}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = tokio::runtime::Runtime::new()
+        .context("start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(&server, &cli.args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rolecache-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Every figure of one run.
@@ -97,52 +208,51 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// The benchmark's own database on the server of `DATABASE_URL`.
+/// The benchmark's own database on the server of `DATABASE_URL` (the test kit's fresh
+/// database), with the server's TLS settings.
 pub struct BenchDb {
-    admin: crate::db::DbConfig,
-    config: crate::db::DbConfig,
-    name: String,
+    db: FreshDb,
+    /// Its settings, TLS included, for instances, pools and sessions.
+    config: DbConfig,
 }
 
 impl BenchDb {
-    async fn create(server: &crate::db::DbConfig) -> anyhow::Result<BenchDb> {
-        let name = format!("rolecache_bench_{}", std::process::id());
-        let admin = server.clone();
-        let client = connect(&admin).await?;
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await?;
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .context("create the benchmark database")?;
+    async fn create(server: &DbConfig) -> anyhow::Result<BenchDb> {
+        let kit = rolecache_testkit::Server::new(
+            server.pg().clone(),
+            Connector::tls(server.tls().clone()),
+            "rolecache_bench_",
+        );
+        let db = kit.create().await.map_err(|e| {
+            anyhow::anyhow!(
+                "create the benchmark database: {}",
+                rolecache::db::session::explain(&e)
+            )
+        })?;
         let mut config = server.clone();
-        config.dbname(&name);
-        crate::instance::migrate(&config).await?;
-        Ok(BenchDb {
-            admin,
-            config,
-            name,
-        })
+        config.dbname(db.name());
+        rolecache::instance::migrate(&config).await?;
+        Ok(BenchDb { db, config })
     }
 
     async fn drop_database(self) -> anyhow::Result<()> {
-        connect(&self.admin)
-            .await?
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .context("drop the benchmark database")
+        self.db.remove().await.map_err(|e| {
+            anyhow::anyhow!(
+                "drop the benchmark database: {}",
+                rolecache::db::session::explain(&e)
+            )
+        })
     }
 
     pub fn pool(&self, size: usize) -> deadpool_postgres::Pool {
-        crate::db::pool(&self.config, size)
+        rolecache::db::pool(&self.config, size)
     }
 
     pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
-        connect(&self.config).await
+        self.db
+            .client()
+            .await
+            .map_err(|e| anyhow::anyhow!("connect: {}", rolecache::db::session::explain(&e)))
     }
 
     pub async fn instance(&self) -> anyhow::Result<Instance> {
@@ -182,20 +292,8 @@ impl BenchDb {
     }
 }
 
-async fn connect(config: &crate::db::DbConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = crate::db::connect(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("connect: {}", crate::db::session::explain(&e)))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
 /// Runs the benchmark (or a memory probe) and prints its report.
-pub async fn run(server: impl Into<crate::db::DbConfig>, args: &BenchArgs) -> anyhow::Result<()> {
-    let server: crate::db::DbConfig = server.into();
-    let server = &server;
+async fn run(server: &DbConfig, args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(probe) = args.memory_probe {
         println!("{:.1}", memory::probe(probe, args.memory_users).await?);
         return Ok(());
@@ -203,7 +301,7 @@ pub async fn run(server: impl Into<crate::db::DbConfig>, args: &BenchArgs) -> an
     let optimized_build = !cfg!(debug_assertions);
     if !optimized_build {
         tracing::warn!(
-            "benchmarking a debug build: run `cargo run --release -- bench` for real figures"
+            "benchmarking a debug build: run `cargo run --release -p rolecache-bench` for real figures"
         );
     }
     let db = BenchDb::create(server).await?;
@@ -290,7 +388,7 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "rolecache bench{}{}",
+        "rolecache-bench{}{}",
         if report.quick { " --quick" } else { "" },
         if report.optimized_build {
             ""
