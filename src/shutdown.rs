@@ -27,7 +27,7 @@ use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 /// After the deadline's aborts: time for the aborted tasks to be dropped.
-const ABORT_GRACE: Duration = Duration::from_secs(1);
+const ABORT_GRACE: Duration = Duration::from_millis(500);
 
 /// Ids of spawned tasks (process-wide, never reused).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

@@ -32,8 +32,9 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a shutdown signal: time for the dispatcher to finish the updates in hand.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 /// Then: time for every other task of the run (the leader election, the update id cleanup, the
-/// menus, the HTTP server's requests, the listener) to stop; past it, they are aborted.
-const STOP_LIMIT: Duration = Duration::from_secs(2);
+/// menus, the HTTP server's requests, the listener) to stop; past it, they are aborted and
+/// given half a second more to be dropped: within 5 s of the signal in all.
+const STOP_LIMIT: Duration = Duration::from_millis(1500);
 /// Where webhook mode serves when ROLECACHE_HTTP_ADDR is unset.
 pub const DEFAULT_WEBHOOK_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
@@ -70,11 +71,12 @@ struct Serving<'a> {
 /// Runs the bot until `shutdown` completes.
 ///
 /// Every task of the run hangs off one root of the shutdown tree ([`crate::shutdown`]): the
-/// listener, the HTTP server and the menus directly, the update sources (dispatcher, leader
-/// election, update id cleanup) under a child. Shutdown cancels the child first and gives the
-/// dispatcher [`DRAIN_LIMIT`] to finish the updates in hand (the cache and the pool still
-/// serve them); then cancels the root and waits [`STOP_LIMIT`] for every task; past it, logs
-/// the tasks that did not stop and aborts them; then closes the pool.
+/// listener, the HTTP server, the menus and the leader election directly, the update sources
+/// (the dispatcher, the update id cleanup) under a child. Shutdown cancels the child first and
+/// gives the dispatcher `DRAIN_LIMIT` (3 s) to finish the updates in hand (the cache, the pool
+/// and the leader lock still serve them); then cancels the root and waits `STOP_LIMIT` (1.5 s)
+/// for every task; past it, logs the tasks that did not stop and aborts them; then closes the
+/// pool.
 pub async fn run(
     pg: impl Into<Endpoints>,
     options: &InstanceOptions,
