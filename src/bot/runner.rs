@@ -153,8 +153,11 @@ pub async fn run(
             }
         }
     };
-    if let Err(stuck) = root.shutdown_within(STOP_LIMIT).await {
-        tracing::warn!(tasks = ?stuck, "tasks did not stop within {STOP_LIMIT:?}; aborted them");
+    match root.shutdown_within(STOP_LIMIT).await {
+        Ok(()) => tracing::info!("every task stopped"),
+        Err(stuck) => {
+            tracing::warn!(tasks = ?stuck, "tasks did not stop within {STOP_LIMIT:?}; aborted them")
+        }
     }
     // Its server and listener tasks have ended (above): this closes the pool.
     drop(http);
