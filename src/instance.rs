@@ -10,6 +10,7 @@ use crate::db::{self, DbConfig, Endpoints, RepoError, Repository};
 use crate::listener::refill::RefillConfig;
 use crate::listener::{Listener, ListenerConfig, ListenerHandle};
 use crate::role::UserId;
+use crate::shutdown::Tasks;
 
 /// What an instance is built from.
 #[derive(Clone, Debug)]
@@ -29,7 +30,8 @@ impl Default for InstanceOptions {
     }
 }
 
-/// A running instance. Dropping it aborts the listener; [`Instance::shutdown`] stops it cleanly.
+/// A running instance. Dropping it cancels the listener (its tasks stop at their next await and
+/// its session closes); [`Instance::shutdown`] also waits for them and closes the pool.
 pub struct Instance {
     pub repo: Repository,
     pub cache: RoleCache,
@@ -55,6 +57,18 @@ impl Instance {
         cache: RoleCache,
         refill: RefillConfig,
     ) -> anyhow::Result<Instance> {
+        Instance::start_in(pg, options, cache, refill, &Tasks::new()).await
+    }
+
+    /// [`Instance::start_with_refill`] with the listener under `parent` in the shutdown tree
+    /// ([`crate::shutdown`]): cancelling `parent` stops it, waiting on `parent` waits for it.
+    pub async fn start_in(
+        pg: impl Into<Endpoints>,
+        options: &InstanceOptions,
+        cache: RoleCache,
+        refill: RefillConfig,
+        parent: &Tasks,
+    ) -> anyhow::Result<Instance> {
         let pg: Endpoints = pg.into();
         migrate(&pg.direct).await?;
         let pool = db::pool(&pg.pool, options.pool_size);
@@ -65,7 +79,7 @@ impl Instance {
             options.listener.clone(),
         )
         .with_refill(refill)
-        .spawn();
+        .spawn_in(parent);
         Ok(Instance {
             repo: Repository::new(pool),
             cache,
@@ -86,7 +100,7 @@ impl Instance {
         self.listener.wait_for(limit, |s| s.is_synced()).await
     }
 
-    /// Stops the listener and closes the pool.
+    /// Stops the listener (cancels its tasks and waits for them) and closes the pool.
     pub async fn shutdown(self) {
         self.listener.stop().await;
         self.repo.pool().close();

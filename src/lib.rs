@@ -8,7 +8,7 @@
 //! # Layout
 //!
 //! * [`role`] — the domain types: `Role`, `UserId`, `RoleVersion`, `RoleState`.
-//! * [`cache`] — `RoleCache`: the version-gated, epoch-guarded cache and its event channel.
+//! * [`cache`] — `RoleCache`: the cache (one write rule, tickets and epochs) and its event channel.
 //! * [`listener`] — the dedicated LISTEN session that keeps the cache fresh; payload parsing and
 //!   the trigger check live beside it.
 //! * [`db`] — connection settings, the pool, the migration runner and the `Repository`.
@@ -16,6 +16,7 @@
 //! * [`bot`] — `rolecache run`: the Telegram bot (teloxide) on top of an instance: the handler
 //!   tree, the role middleware, the commands and the per-chat command menus; webhook mode, the
 //!   once-per-update claim and the polling leader election for running several instances.
+//! * [`shutdown`] — how background tasks are stopped: a token tree and a task tracker.
 //! * [`watch`] — `rolecache watch`: the cache's events as JSON lines, for DBAs and tests.
 //! * [`config`] — the command line and environment, validated at start.
 //! * [`embedded`] — a private PostgreSQL cluster (tests; single-machine use).
@@ -31,6 +32,7 @@ pub mod http;
 pub mod instance;
 pub mod listener;
 pub mod role;
+pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 

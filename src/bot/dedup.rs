@@ -126,9 +126,10 @@ impl UpdateLog {
             .await?)
     }
 
-    /// Deletes expired ids every [`CLEANUP_EVERY`] until the task is aborted.
-    pub fn spawn_cleanup(self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+    /// Deletes expired ids every [`CLEANUP_EVERY`] on a task under `tasks`, until it is
+    /// cancelled.
+    pub fn spawn_cleanup(self, tasks: &crate::shutdown::Tasks) {
+        tasks.spawn_cancellable("update id cleanup", async move {
             let mut every = tokio::time::interval(CLEANUP_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -139,6 +140,6 @@ impl UpdateLog {
                     Err(e) => tracing::warn!(error = %e, "could not delete expired update ids"),
                 }
             }
-        })
+        });
     }
 }

@@ -23,10 +23,11 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
+use tokio_util::sync::DropGuard;
 
 use crate::db::{DbConfig, SessionError};
+use crate::shutdown::{Scoped, Tasks};
 
 /// `application_name` of the leader session.
 pub const APPLICATION_NAME: &str = "rolecache-leader";
@@ -62,21 +63,35 @@ impl Default for LeaderConfig {
 }
 
 /// A running election; [`Election::leader`] says whether this instance holds the lock.
-/// Dropping it closes the session (releasing the lock).
+/// Dropping it cancels the campaign, which closes the session (releasing the lock); the leader
+/// channel then closes.
 pub struct Election {
     leader: watch::Receiver<bool>,
-    task: JoinHandle<()>,
+    _cancel_on_drop: DropGuard,
 }
 
 impl Election {
-    /// Starts campaigning for `bot_id`'s leadership on the database of `pg`.
-    pub fn start(pg: impl Into<DbConfig>, bot_id: i64, config: LeaderConfig) -> Election {
+    /// Starts campaigning for `bot_id`'s leadership on the database of `pg`, on a child of
+    /// `parent` in the shutdown tree.
+    pub fn start(
+        pg: impl Into<DbConfig>,
+        bot_id: i64,
+        config: LeaderConfig,
+        parent: &Tasks,
+    ) -> Election {
         let mut pg: DbConfig = pg.into();
         crate::db::harden_session(&mut pg);
         pg.application_name(APPLICATION_NAME);
         let (tx, leader) = watch::channel(false);
-        let task = tokio::spawn(campaign(pg, lock_key(bot_id), config, tx));
-        Election { leader, task }
+        let tasks = parent.child();
+        tasks.spawn_cancellable(
+            "leader election",
+            campaign(pg, lock_key(bot_id), config, tx, tasks.clone()),
+        );
+        Election {
+            leader,
+            _cancel_on_drop: tasks.cancel_on_drop(),
+        }
     }
 
     /// `true` while this instance holds the lock.
@@ -85,29 +100,17 @@ impl Election {
     }
 }
 
-impl Drop for Election {
-    fn drop(&mut self) {
-        // Drops the client and the connection: the server ends the session and releases the lock.
-        self.task.abort();
-    }
-}
-
-/// A session with its connection driven on a task of its own; the task ends with the session.
+/// A session with its connection driven on a task of its own; the task is cancelled when the
+/// session is dropped (closing the socket: the server ends the session, releasing the lock).
 struct Session {
     client: Client,
-    driver: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
+    driver: Scoped<()>,
 }
 
 /// Opens the lock session and checks that it is a server session of its own.
-async fn connect(pg: &DbConfig) -> Result<Session, SessionError> {
+async fn connect(pg: &DbConfig, tasks: &Tasks) -> Result<Session, SessionError> {
     let (client, connection) = crate::db::connect_session(pg).await?;
-    let driver = tokio::spawn(async move {
+    let driver = tasks.spawn_scoped("leader session driver", async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "leader session ended");
         }
@@ -117,10 +120,16 @@ async fn connect(pg: &DbConfig) -> Result<Session, SessionError> {
     Ok(session)
 }
 
-async fn campaign(pg: DbConfig, key: i64, config: LeaderConfig, tx: watch::Sender<bool>) {
+async fn campaign(
+    pg: DbConfig,
+    key: i64,
+    config: LeaderConfig,
+    tx: watch::Sender<bool>,
+    tasks: Tasks,
+) {
     let mut failures = 0u32;
     loop {
-        match connect(&pg).await {
+        match connect(&pg, &tasks).await {
             Ok(mut session) => {
                 failures = 0;
                 let lost = hold(&mut session, key, &config, &tx).await;

@@ -15,7 +15,6 @@ use teloxide::error_handlers::LoggingErrorHandler;
 use teloxide::prelude::*;
 use teloxide::update_listeners::{Polling, UpdateListener};
 use teloxide::{ApiError, RequestError};
-use tokio::sync::watch;
 
 use super::leader::{Election, LeaderConfig};
 use super::settings::{RunConfig, UpdateSource};
@@ -24,16 +23,18 @@ use crate::cache::RoleCache;
 use crate::db::{Endpoints, RepoError, Repository};
 use crate::http::Metrics;
 use crate::instance::{Instance, InstanceOptions};
+use crate::listener::refill::RefillConfig;
 use crate::role::UserId;
+use crate::shutdown::Tasks;
 
 /// Long-poll timeout of `getUpdates` (below the HTTP client's 17 s timeout).
 const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a shutdown signal: time for the dispatcher to finish the updates in hand.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
-/// Then: time for the HTTP server (when serving) to finish its requests.
-const HTTP_STOP_LIMIT: Duration = Duration::from_millis(500);
-/// Then: time for the listener and the pool to stop.
-const CLOSE_LIMIT: Duration = Duration::from_millis(1500);
+/// Then: time for every other task of the run (the leader election, the update id cleanup, the
+/// menus, the HTTP server's requests, the listener) to stop; past it, they are aborted and
+/// given half a second more to be dropped: within 5 s of the signal in all.
+const STOP_LIMIT: Duration = Duration::from_millis(1500);
 /// Where webhook mode serves when ROLECACHE_HTTP_ADDR is unset.
 pub const DEFAULT_WEBHOOK_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
@@ -63,9 +64,19 @@ struct Serving<'a> {
     instance: &'a Instance,
     capacity: u64,
     metrics: Arc<Metrics>,
+    /// The run's root in the shutdown tree.
+    root: &'a Tasks,
 }
 
 /// Runs the bot until `shutdown` completes.
+///
+/// Every task of the run hangs off one root of the shutdown tree ([`crate::shutdown`]): the
+/// listener, the HTTP server, the menus and the leader election directly, the update sources
+/// (the dispatcher, the update id cleanup) under a child. Shutdown cancels the child first and
+/// gives the dispatcher `DRAIN_LIMIT` (3 s) to finish the updates in hand (the cache, the pool
+/// and the leader lock still serve them); then cancels the root and waits `STOP_LIMIT` (1.5 s)
+/// for every task; past it, logs the tasks that did not stop and aborts them; then closes the
+/// pool.
 pub async fn run(
     pg: impl Into<Endpoints>,
     options: &InstanceOptions,
@@ -79,7 +90,10 @@ pub async fn run(
     let cache = RoleCache::new(options.cache_capacity);
     // Subscribed before the listener starts, so the menus miss no change.
     let events = cache.subscribe();
-    let instance = Instance::start(pg, options, cache).await?;
+    let root = Tasks::new();
+    // An early return stops whatever was started.
+    let _cancel_on_drop = root.cancel_on_drop();
+    let instance = Instance::start_in(pg, options, cache, RefillConfig::default(), &root).await?;
     if let Some(owner) = config.owner_id {
         ensure_owner(&instance.repo, owner)
             .await
@@ -101,30 +115,34 @@ pub async fn run(
     };
     let http = match http_addr {
         Some(addr) => {
-            Some(crate::http::spawn_with(addr, &instance, metrics.clone(), routes).await?)
+            Some(crate::http::spawn_in(addr, &instance, metrics.clone(), routes, &root).await?)
         }
         None => None,
     };
     if let (UpdateSource::Webhook(hook), Some(http)) = (&config.updates, &http) {
         tracing::info!(addr = %http.addr, path = %hook.url.path, "serving the webhook");
     }
-    let menus = tokio::spawn(menus::follow(bot.clone(), instance.repo.clone(), events));
+    root.spawn_cancellable(
+        "menus",
+        menus::follow(bot.clone(), instance.repo.clone(), events),
+    );
     let context = Serving {
         bot,
         pg,
         instance: &instance,
         capacity: options.cache_capacity,
         metrics,
+        root: &root,
     };
-    let (stop, stopping) = watch::channel(false);
+    let updates = root.child();
     let result = {
-        let serve = serve(&context, webhook_updates, stopping);
+        let serve = serve(&context, webhook_updates, &updates);
         tokio::pin!(serve);
         tokio::select! {
             result = &mut serve => result,
             () = shutdown => {
                 tracing::info!("shutting down");
-                stop.send_replace(true);
+                updates.cancel();
                 match tokio::time::timeout(DRAIN_LIMIT, &mut serve).await {
                     Ok(result) => result,
                     Err(_) => {
@@ -135,35 +153,29 @@ pub async fn run(
             }
         }
     };
-    menus.abort();
-    if let Some(http) = http {
-        if tokio::time::timeout(HTTP_STOP_LIMIT, http.stop())
-            .await
-            .is_err()
-        {
-            tracing::warn!("HTTP server did not stop within {HTTP_STOP_LIMIT:?}");
+    match root.shutdown_within(STOP_LIMIT).await {
+        Ok(()) => tracing::info!("every task stopped"),
+        Err(stuck) => {
+            tracing::warn!(tasks = ?stuck, "tasks did not stop within {STOP_LIMIT:?}; aborted them")
         }
     }
-    if tokio::time::timeout(CLOSE_LIMIT, instance.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("listener did not stop within {CLOSE_LIMIT:?}");
-    }
+    // Its server and listener tasks have ended (above): this closes the pool.
+    drop(http);
+    instance.shutdown().await;
     result
 }
 
 /// Reaches Telegram, sets the default menu, then dispatches the webhook's updates, or polls
-/// while leader, until `stop` turns true.
+/// while leader, until `tasks` is cancelled.
 async fn serve(
     context: &Serving<'_>,
     webhook_updates: Option<impl UpdateListener<Err = Infallible> + Send>,
-    mut stop: watch::Receiver<bool>,
+    tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let bot = &context.bot;
     let me = tokio::select! {
         me = wait_for_telegram(bot) => me?,
-        _ = stop.wait_for(|s| *s) => return Ok(()),
+        () = tasks.cancelled() => return Ok(()),
     };
     tracing::info!(username = ?me.username, "connected to Telegram");
     if let Err(e) = menus::set_default(bot).await {
@@ -176,24 +188,15 @@ async fn serve(
         context.metrics.clone(),
         webhook_updates.is_some().then_some(bot_id),
     ));
-    let cleanup = state
-        .updates
-        .clone()
-        .map(|updates| AbortOnDrop(updates.spawn_cleanup()));
-    let result = match webhook_updates {
-        Some(updates) => serve_webhook(bot, state, updates, stop).await,
-        None => serve_polling(context, bot_id, state, stop).await,
-    };
-    drop(cleanup);
-    result
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    // The cleanup ends with serving, whichever way serving ends.
+    let cleanup = tasks.child();
+    let _stop_cleanup = cleanup.cancel_on_drop();
+    if let Some(updates) = state.updates.clone() {
+        updates.spawn_cleanup(&cleanup);
+    }
+    match webhook_updates {
+        Some(updates) => serve_webhook(bot, state, updates, tasks).await,
+        None => serve_polling(context, bot_id, state, tasks).await,
     }
 }
 
@@ -211,12 +214,12 @@ fn dispatcher(bot: &Bot, state: Arc<BotState>) -> Dispatcher<Bot, BotError, Defa
         .build()
 }
 
-/// Dispatches the webhook's updates until `stop`; then drains what was accepted.
+/// Dispatches the webhook's updates until `tasks` is cancelled; then drains what was accepted.
 async fn serve_webhook(
     bot: &Bot,
     state: Arc<BotState>,
     updates: impl UpdateListener<Err = Infallible> + Send,
-    mut stop: watch::Receiver<bool>,
+    tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let mut dispatcher = dispatcher(bot, state);
     // The dispatcher's shutdown stops the listener: the webhook answers 503 from then on
@@ -229,7 +232,7 @@ async fn serve_webhook(
     tokio::pin!(dispatch);
     tokio::select! {
         result = &mut dispatch => result.context("cannot start dispatching"),
-        _ = stop.wait_for(|s| *s) => {
+        () = tasks.cancelled() => {
             if token.shutdown().is_ok() {
                 let _ = (&mut dispatch).await;
             }
@@ -246,23 +249,31 @@ enum Term {
 }
 
 /// Stands by until this instance holds the leader lock, polls while it does, stands by again
-/// when it is lost; until `stop`.
+/// when it is lost; until `tasks` is cancelled.
 async fn serve_polling(
     context: &Serving<'_>,
     bot_id: i64,
     state: Arc<BotState>,
-    mut stop: watch::Receiver<bool>,
+    tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let bot = &context.bot;
-    let election = Election::start(&context.pg.direct, bot_id, LeaderConfig::default());
+    // Under the root, not `tasks`: the lock is held until the drain below is over, and the
+    // election is cancelled when it is dropped, on return.
+    let election = Election::start(
+        &context.pg.direct,
+        bot_id,
+        LeaderConfig::default(),
+        context.root,
+    );
     let mut leader = election.leader();
     tracing::info!("standing by for the polling leadership");
     loop {
         tokio::select! {
+            biased;
+            () = tasks.cancelled() => return Ok(()),
             found = leader.wait_for(|l| *l) => {
                 found.context("the leader election stopped")?;
             }
-            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         context.metrics.leader.set(1);
         let mut dispatcher = dispatcher(bot, state.clone());
@@ -271,16 +282,17 @@ async fn serve_polling(
             let poll = poll(bot, &mut dispatcher);
             tokio::pin!(poll);
             tokio::select! {
-                result = &mut poll => Term::Ended(result),
-                // Dropping `poll` cancels the getUpdates in flight: no second poller, ever.
-                _ = leader.wait_for(|l| !*l) => Term::Lost,
-                _ = stop.wait_for(|s| *s) => {
+                biased;
+                () = tasks.cancelled() => {
                     // Err: not dispatching yet; dropping `poll` stops it.
                     if token.shutdown().is_ok() {
                         let _ = (&mut poll).await;
                     }
                     Term::Stopped
                 }
+                result = &mut poll => Term::Ended(result),
+                // Dropping `poll` cancels the getUpdates in flight: no second poller, ever.
+                _ = leader.wait_for(|l| !*l) => Term::Lost,
             }
         };
         context.metrics.leader.set(0);

@@ -272,11 +272,15 @@ impl Metrics {
         })
     }
 
-    /// Feeds the event lag histogram from the cache's events until the cache is dropped.
-    pub fn record_events(self: &Arc<Self>, cache: &RoleCache) -> tokio::task::JoinHandle<()> {
+    /// Feeds the event lag histogram from the cache's events until the cache is dropped (or the
+    /// future is: the HTTP server runs it under its node of the shutdown tree).
+    pub fn record_events(
+        self: &Arc<Self>,
+        cache: &RoleCache,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut events = cache.subscribe();
         let metrics = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             loop {
                 match events.recv().await {
                     Ok(CacheEvent::Changed { lag, .. }) => match metrics.upgrade() {
@@ -287,7 +291,7 @@ impl Metrics {
                     Err(RecvError::Closed) => return,
                 }
             }
-        })
+        }
     }
 
     /// Records the listener's state and the readiness verdict (set at scrape time).

@@ -15,10 +15,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::sync::watch;
+use tokio_util::sync::DropGuard;
 
 use crate::cache::RoleCache;
 use crate::instance::Instance;
 use crate::listener::{ListenerState, ListenerStats};
+use crate::shutdown::Tasks;
 pub use metrics::Metrics;
 
 /// What the endpoints read.
@@ -119,17 +121,18 @@ pub async fn serve(
         .await
 }
 
-/// A running HTTP server; [`HttpServer::stop`] ends it gracefully.
+/// A running HTTP server: the server task and the task feeding the event lag histogram, on a
+/// node of the shutdown tree of their own. [`HttpServer::stop`] ends them gracefully (requests
+/// in hand are finished) and waits; dropping the value cancels them without waiting.
 pub struct HttpServer {
     pub addr: std::net::SocketAddr,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    tasks: Tasks,
+    _cancel_on_drop: DropGuard,
 }
 
 impl HttpServer {
     pub async fn stop(self) {
-        self.stop.send_replace(true);
-        let _ = self.task.await;
+        self.tasks.shutdown().await;
     }
 }
 
@@ -141,19 +144,37 @@ pub async fn spawn_with(
     metrics: Arc<Metrics>,
     extra: Router,
 ) -> anyhow::Result<HttpServer> {
+    spawn_in(addr, instance, metrics, extra, &Tasks::new()).await
+}
+
+/// [`spawn_with`] under `parent` in the shutdown tree: cancelling `parent` stops the server.
+pub async fn spawn_in(
+    addr: std::net::SocketAddr,
+    instance: &Instance,
+    metrics: Arc<Metrics>,
+    extra: Router,
+    parent: &Tasks,
+) -> anyhow::Result<HttpServer> {
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let addr = listener.local_addr()?;
-    let _events = metrics.record_events(&instance.cache);
+    let tasks = parent.child();
+    tasks.spawn_cancellable("metrics events", metrics.record_events(&instance.cache));
     let app = router(HttpState::new(instance, metrics)).merge(extra);
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(serve(listener, app, async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
+    let stop = tasks.token().clone().cancelled_owned();
+    tasks.spawn("http server", async move {
+        if let Err(e) = serve(listener, app, stop).await {
+            tracing::error!(error = %e, "the HTTP server failed");
+        }
+    });
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(HttpServer { addr, stop, task })
+    Ok(HttpServer {
+        addr,
+        _cancel_on_drop: tasks.cancel_on_drop(),
+        tasks,
+    })
 }
 
 /// [`spawn_with`] with fresh metrics and no extra routes.

@@ -51,13 +51,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
+use tokio_util::sync::DropGuard;
 
 use crate::cache::{ResyncReason, RoleCache, RowHint};
 use crate::db::pg_detail;
 use crate::role::{Role, RoleState, UserId};
+use crate::shutdown::{Scoped, Tasks};
 use payload::{Payload, RowOp};
 use refill::{RefillConfig, Refiller};
 use triggers::TriggerCheck;
@@ -181,11 +182,13 @@ pub enum ListenerError {
     Session(#[source] crate::db::SessionError),
 }
 
-/// Owns the running listener task. Dropping the handle aborts the task; [`ListenerHandle::stop`]
-/// ends it cleanly.
+/// Owns the running listener: its node of the shutdown tree ([`crate::shutdown`]), which holds
+/// the listener task, its refill task and its session's connection driver. Dropping the handle
+/// cancels them (they stop at their next await, closing the session); [`ListenerHandle::stop`]
+/// also waits until they have.
 pub struct ListenerHandle {
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    tasks: Tasks,
+    _cancel_on_drop: DropGuard,
     state: watch::Receiver<ListenerState>,
     stats: Arc<ListenerStats>,
 }
@@ -215,22 +218,9 @@ impl ListenerHandle {
         matches!(reached, Ok(Ok(_)))
     }
 
-    /// Stops the listener and waits for it to finish.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    /// Stops the listener and waits for its tasks to finish.
+    pub async fn stop(self) {
+        self.tasks.shutdown().await;
     }
 }
 
@@ -247,8 +237,11 @@ pub struct Listener {
     /// The pool the refill reads through, and how.
     pool: deadpool_postgres::Pool,
     refill: RefillConfig,
-    /// The refill task, from [`Listener::run`] on; aborted when the listener is dropped.
+    /// The refill task, from [`Listener::run`] on; cancelled when the listener is dropped.
     refiller: Option<Refiller>,
+    /// The listener's node of the shutdown tree: [`Listener::run`] ends when it is cancelled,
+    /// and the refill task and the session's driver run under it.
+    tasks: Tasks,
 }
 
 impl Listener {
@@ -280,6 +273,7 @@ impl Listener {
             pool,
             refill: RefillConfig::default(),
             refiller: None,
+            tasks: Tasks::new(),
         }
     }
 
@@ -308,30 +302,45 @@ impl Listener {
         }
     }
 
-    /// Runs the listener on its own task.
+    /// Runs the listener on its own task, under a shutdown tree of its own.
     pub fn spawn(self) -> ListenerHandle {
-        let (tx, rx) = oneshot::channel();
         let state = self.state.subscribe();
         let stats = self.stats.clone();
-        let task = tokio::spawn(self.run(async {
-            let _ = rx.await;
-        }));
+        let tasks = self.tasks.clone();
+        let stop = tasks.token().clone();
+        tasks.spawn("listener", self.run(stop.cancelled_owned()));
         ListenerHandle {
-            shutdown: Some(tx),
-            task: Some(task),
+            _cancel_on_drop: tasks.cancel_on_drop(),
+            tasks,
             state,
             stats,
         }
     }
 
-    /// Runs until `shutdown` completes, reconnecting forever.
+    /// [`Listener::spawn`] under `parent`: cancelling `parent` stops the listener, and waiting
+    /// on `parent` waits for it.
+    pub fn spawn_in(mut self, parent: &Tasks) -> ListenerHandle {
+        self.tasks = parent.child();
+        self.spawn()
+    }
+
+    /// Runs until `shutdown` completes (or the listener's node is cancelled), reconnecting
+    /// forever.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let stop = self.tasks.token().clone();
+        let shutdown = async {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+        };
         tokio::pin!(shutdown);
         self.refiller = Refiller::spawn(
             self.pool.clone(),
             self.cache.clone(),
             self.refill.clone(),
             self.stats.clone(),
+            &self.tasks,
         );
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut first = true;
@@ -384,13 +393,17 @@ impl Listener {
         // A nonce per session: a late answer to an earlier session's ping is not an answer.
         let nonce = fastrand::u64(..);
         let pong = Arc::new(Pong::new(nonce));
-        let driver = AbortOnDrop(tokio::spawn(drive(
-            connection,
-            tx,
-            overflow.clone(),
-            self.ping_channel.clone(),
-            pong.clone(),
-        )));
+        // Cancelled when the session ends, whichever way it ends (the handle is dropped).
+        let driver = self.tasks.spawn_scoped(
+            "listener session driver",
+            drive(
+                connection,
+                tx,
+                overflow.clone(),
+                self.ping_channel.clone(),
+                pong.clone(),
+            ),
+        );
 
         // The session is idle between notifications by design, and its liveness is proven by
         // the ping: exempt it from a DBA's `idle_session_timeout` (PostgreSQL 14+; the lookup in
@@ -447,7 +460,7 @@ impl Listener {
                             return e;
                         }
                     }
-                    None => return driver.finish().await,
+                    None => return session_end(driver).await,
                 },
                 _ = tick.tick() => {
                     self.note_overflow(&overflow, &mut session);
@@ -912,23 +925,12 @@ where
     Ok(())
 }
 
-/// Aborts the connection driver when a session ends, whichever way it ends.
-struct AbortOnDrop(JoinHandle<Result<(), tokio_postgres::Error>>);
-
-impl AbortOnDrop {
-    /// Why the driver ended (called once its queue is closed, so it has finished or is about to).
-    async fn finish(mut self) -> ListenerError {
-        match (&mut self.0).await {
-            Ok(Ok(())) => ListenerError::Closed,
-            Ok(Err(e)) => ListenerError::Lost(e),
-            Err(_) => ListenerError::Closed,
-        }
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Why the connection driver ended (called once its queue is closed, so it has finished or is
+/// about to).
+async fn session_end(driver: Scoped<Result<(), tokio_postgres::Error>>) -> ListenerError {
+    match driver.await {
+        Some(Ok(())) | None => ListenerError::Closed,
+        Some(Err(e)) => ListenerError::Lost(e),
     }
 }
 

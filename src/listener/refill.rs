@@ -19,15 +19,16 @@
 //!   the keys not yet refilled plus the new snapshot (which holds those already refilled). A
 //!   flush that brings no request (the session died: the epoch moved, the cache is unsynced)
 //!   parks the remaining keys until the reconnect's flush asks again.
-//! * It stops with the listener: the listener owns the task and aborts it when it is dropped.
+//! * It stops with the listener: the task runs under the listener's node of the shutdown tree
+//!   ([`crate::shutdown`]), and the listener cancels it when it drops its [`Refiller`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
+use tokio_util::sync::DropGuard;
 
 use crate::cache::{Epoch, RoleCache, WriteOutcome};
 use crate::role::{Role, RoleState, UserId};
@@ -92,25 +93,28 @@ pub struct RefillStats {
     pub pending: AtomicU64,
 }
 
-/// The running refill task; aborted when dropped.
+/// The running refill task; cancelled when dropped.
 pub struct Refiller {
     requests: mpsc::UnboundedSender<Vec<UserId>>,
-    task: JoinHandle<()>,
+    _cancel_on_drop: DropGuard,
 }
 
 impl Refiller {
-    /// Starts the refill task, or `None` when `config.batch` is 0.
+    /// Starts the refill task under `tasks`, or `None` when `config.batch` is 0.
     pub fn spawn(
         pool: deadpool_postgres::Pool,
         cache: RoleCache,
         config: RefillConfig,
         stats: Arc<super::ListenerStats>,
+        tasks: &crate::shutdown::Tasks,
     ) -> Option<Refiller> {
         if config.batch == 0 {
             return None;
         }
         let (requests, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(
+        let tasks = tasks.child();
+        tasks.spawn_cancellable(
+            "refill",
             Refill {
                 pool,
                 cache,
@@ -119,20 +123,17 @@ impl Refiller {
             }
             .run(rx),
         );
-        Some(Refiller { requests, task })
+        Some(Refiller {
+            requests,
+            _cancel_on_drop: tasks.cancel_on_drop(),
+        })
     }
 
     /// Refills `keys` (held before the flush just made) into the cache's current epoch,
     /// restarting a refill in progress.
     pub fn request(&self, keys: Vec<UserId>) {
-        // Closed only when the task ended, which it does only when this handle is dropped.
+        // Closed only when the task ended: this handle was dropped or the listener cancelled.
         let _ = self.requests.send(keys);
-    }
-}
-
-impl Drop for Refiller {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -19,6 +19,7 @@ mod refill;
 mod resilience;
 mod schema;
 mod security;
+mod shutdown;
 mod timeouts;
 mod tls;
 mod torture;

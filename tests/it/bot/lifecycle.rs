@@ -114,6 +114,14 @@ async fn sigterm_and_sigint_stop_the_bot_within_five_seconds_with_code_zero() {
         .await;
     assert_eq!(status.code(), Some(0), "{:?}", world.process.log());
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Every task of the run (listener, refill, menus, leader election, ...) ended on its
+    // cancellation, within the deadline: none had to be aborted.
+    let log = world.process.log();
+    assert!(
+        log.iter().any(|l| l.contains("every task stopped"))
+            && !log.iter().any(|l| l.contains("did not stop")),
+        "{log:?}"
+    );
     // Its sessions (listener and pool) go with it; the server notices a closed socket a moment
     // later.
     let db = &world.db;
