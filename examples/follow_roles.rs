@@ -5,9 +5,7 @@
 //! DATABASE_URL=postgres://bot@db/bot cargo run --example follow_roles
 //! ```
 
-use rolecache::db::DbConfig;
-use rolecache::instance::{Instance, InstanceOptions};
-use rolecache::{CacheEvent, RoleCache};
+use rolecache::{CacheEvent, DbConfig, Instance, InstanceOptions, RoleCache};
 use tokio::sync::broadcast::error::RecvError;
 
 #[tokio::main]

@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use rolecache::db::DbConfig;
-use rolecache::instance::{Instance, InstanceOptions};
-use rolecache::{Role, RoleCache};
+use rolecache::{DbConfig, Instance, InstanceOptions, Role, RoleCache};
 use teloxide::prelude::*;
 use teloxide::utils::command::BotCommands;
 

@@ -5,6 +5,15 @@
 //! cache; lookups read the cache and load from the database on a miss. See `README.md` for the
 //! contract and `docs/ARCHITECTURE.md` for the rules that keep it.
 //!
+//! # Using the library
+//!
+//! A bot that already has its handlers embeds the cache with three types, re-exported here:
+//! start an [`Instance`] (migrations, pool, cache and listener, from a [`DbConfig`] and
+//! [`InstanceOptions`]), read roles with [`Instance::lookup`] or its [`RoleCache`], and follow
+//! [`CacheEvent`]s with [`RoleCache::subscribe`]. `examples/teloxide_bot.rs` and
+//! `examples/follow_roles.rs` show both. Only the crate writes into the cache: the listener, the
+//! refill and the bot's own role changes.
+//!
 //! # Layout
 //!
 //! * [`role`] — the domain types: `Role`, `UserId`, `RoleVersion`, `RoleState`.
@@ -36,5 +45,10 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 
-pub use cache::{CacheEvent, RoleCache};
+// The library's API for a bot that embeds the cache (see examples/): start an `Instance`, read
+// roles through its `RoleCache`, follow its events. Everything else is public for the
+// `rolecache` binary and our tests, and documented where it is.
+pub use cache::{CacheEvent, CacheStats, Lookup, ResyncReason, RoleCache, Source};
+pub use db::{DbConfig, RepoError, Repository};
+pub use instance::{Instance, InstanceOptions};
 pub use role::{Role, RoleState, RoleVersion, UserId};

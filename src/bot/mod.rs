@@ -3,31 +3,31 @@
 //!
 //! * [`schema`] — the handler tree: the role middleware, access checks as filters, then one
 //!   endpoint per command.
-//! * [`middleware`] — the sender's role from the cache (the database on a miss, registering a
+//! * `middleware` — the sender's role from the cache (the database on a miss, registering a
 //!   new user in the same statement) as the [`Caller`] dependency.
-//! * [`commands`] — the command enum and one short handler per command.
-//! * [`actions`] — role changes: one transaction that locks caller and target and decides with
-//!   [`rules::decide`] on the roles it locked.
-//! * [`menus`] — per-chat command lists that follow role changes from any source.
-//! * [`args`] — argument parsing; [`reply`] — sending replies and handling Telegram errors.
+//! * `commands` — the command enum and one short handler per command.
+//! * `actions` — role changes: one transaction that locks caller and target and decides with
+//!   `rules::decide` on the roles it locked.
+//! * `menus` — per-chat command lists that follow role changes from any source.
+//! * `args` — argument parsing; `reply` — sending replies and handling Telegram errors.
 //! * [`dedup`] — each update handled once across instances (the `telegram_updates` table).
 //! * [`webhook`] — webhook mode: the route behind the load balancer, `set-webhook` and
 //!   `delete-webhook`.
 //! * [`leader`] — polling mode: one instance polls, elected through an advisory lock.
-//! * [`settings`] — what `run` is configured with (update source, webhook URL and secret).
+//! * `settings` — what `run` is configured with (update source, webhook URL and secret).
 //! * [`run`](run()) — start, poll or serve the webhook, and shut down on SIGINT/SIGTERM.
 
-pub mod actions;
-pub mod args;
-pub mod commands;
+pub(crate) mod actions;
+pub(crate) mod args;
+pub(crate) mod commands;
 pub mod dedup;
 pub mod leader;
-pub mod menus;
-pub mod middleware;
-pub mod reply;
-pub mod rules;
+pub(crate) mod menus;
+pub(crate) mod middleware;
+pub(crate) mod reply;
+pub(crate) mod rules;
 mod runner;
-pub mod settings;
+pub(crate) mod settings;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -43,9 +43,9 @@ use crate::instance::Instance;
 use crate::listener::{ListenerState, ListenerStats};
 use crate::role::{Role, UserId};
 
-pub use commands::Command;
+pub use commands::{Command, UNAVAILABLE};
 pub use middleware::{Access, Caller};
-pub use reply::BotError;
+pub use reply::{log_error, BotError};
 pub use runner::{build_bot, ensure_owner, run};
 
 /// How long a claimed username is trusted before the next message claims it again.

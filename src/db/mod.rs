@@ -3,7 +3,7 @@
 //!
 //! Every connection the product opens goes through this module: [`connect`] for a plain session,
 //! [`connect_session`] for the dedicated sessions (listener, leader lock, migrations) and [`pool`]
-//! for the pool; all of them speak TLS as the URL's `sslmode` asks (see [`tls`]).
+//! for the pool; all of them speak TLS as the URL's `sslmode` asks (see `tls`).
 //!
 //! Two targets: `DATABASE_URL` serves the pool and may lead to PgBouncer in transaction mode;
 //! `DATABASE_DIRECT_URL` (default: the same) serves what needs a session of its own on the
@@ -14,10 +14,10 @@
 //! The listener never uses the pool: deadpool drives its connections as plain futures, which
 //! drop notifications, so the listener owns a connection of its own (see [`crate::listener`]).
 
-pub mod migrate;
-pub mod repo;
+pub(crate) mod migrate;
+pub(crate) mod repo;
 pub mod session;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -27,6 +27,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{Client, Socket};
 
+pub use migrate::MIGRATIONS;
 pub use repo::{AuditEntry, RepoError, Repository};
 pub use session::SessionError;
 pub use tls::{RootCert, SslMode, Tls};

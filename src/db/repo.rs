@@ -277,7 +277,7 @@ impl Repository {
     }
 
     /// The rows holding `username` (without the `@`, any case), by id; at most
-    /// [`HOLDERS_LIMIT`]. More than one means the name changed hands and its new holder has not
+    /// `HOLDERS_LIMIT`. More than one means the name changed hands and its new holder has not
     /// written to the bot since (see [`Repository::claim_username`]), or a DBA wrote it twice.
     pub async fn holders_of(&self, username: &str) -> Result<Vec<UserRow>, RepoError> {
         let client = self.pool.get().await?;
@@ -303,7 +303,7 @@ impl Repository {
     }
 
     /// Registers a user on first contact (role `user`), or returns the existing row: one
-    /// statement either way, run at most [`REGISTER_ATTEMPTS`] times on one pooled connection.
+    /// statement either way, run at most `REGISTER_ATTEMPTS` times on one pooled connection.
     ///
     /// Fails with [`RepoError::Unversioned`] for a new user while the version trigger is
     /// disabled, and with [`RepoError::RegisterRace`] when every attempt lost a race.
@@ -395,7 +395,7 @@ impl Repository {
 
     /// [`Repository::transact`], run again (from a new transaction) when it loses a deadlock or
     /// a serialization conflict with a concurrent transaction, e.g. a DBA's statement that
-    /// locks the same rows in another order; see [`retry_conflicts`].
+    /// locks the same rows in another order; see `retry_conflicts`.
     pub async fn transact_retrying<T, E, F>(&self, actor: Option<UserId>, f: F) -> Result<T, E>
     where
         E: From<RepoError> + Conflict + fmt::Display,

@@ -3,7 +3,7 @@
 //! with a one-line reason otherwise). The bot mounts its webhook on the same server.
 
 pub mod health;
-pub mod metrics;
+pub(crate) mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;

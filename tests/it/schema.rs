@@ -22,7 +22,7 @@ async fn migrations_rerun_as_a_no_op() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, rolecache::db::migrate::MIGRATIONS.len() as i64);
+    assert_eq!(rows, rolecache::db::MIGRATIONS.len() as i64);
 }
 
 #[tokio::test]

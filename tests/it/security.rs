@@ -225,7 +225,7 @@ fn ledger_checksum(sql: &str) -> String {
 /// role_resyncs), and the role's bulk statements record their flush.
 #[tokio::test]
 async fn upgrading_keeps_a_least_privileged_bot_role_working() {
-    use rolecache::db::migrate::MIGRATIONS;
+    use rolecache::db::MIGRATIONS;
     let db = TestDb::empty().await;
     let admin = db.admin().await;
     drop_leftover_roles(&admin).await;

@@ -180,7 +180,7 @@ async fn migrate_command_applies_the_schema_once() {
     // Every migration recorded by the first run; the second applied nothing (same rows, same
     // times).
     let versions: Vec<i32> = ledgers[0].iter().map(|(v, _)| *v).collect();
-    let shipped: Vec<i32> = rolecache::db::migrate::MIGRATIONS
+    let shipped: Vec<i32> = rolecache::db::MIGRATIONS
         .iter()
         .map(|m| m.version)
         .collect();

@@ -280,7 +280,7 @@ impl InProcessBot {
         let bot = rolecache::bot::build_bot(token, Some(&stub.url())).expect("bot");
         let mut dispatcher = Dispatcher::builder(bot.clone(), rolecache::bot::schema())
             .dependencies(teloxide::dptree::deps![state])
-            .error_handler(Arc::new(rolecache::bot::reply::log_error))
+            .error_handler(Arc::new(rolecache::bot::log_error))
             .build();
         let stop = dispatcher.shutdown_token();
         let task = tokio::spawn(async move {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{whoami, World};
-use rolecache::bot::commands::UNAVAILABLE;
+use rolecache::bot::UNAVAILABLE;
 use rolecache_testkit::telegram_stub::TgUser;
 
 /// A session holding `users` locked in ACCESS EXCLUSIVE mode: every statement of the bot that
