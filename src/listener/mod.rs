@@ -586,10 +586,17 @@ impl Listener {
             .collect();
         let mut chunks = rows.chunks(MAX_REREAD_IDS);
         let mut waited = Duration::ZERO;
+        // The limit is on progress: each result within `io_timeout` of the last one applied.
+        // The server runs the pipelined queries one after another, so a limit on each query
+        // from when it was sent would time out the last chunks of a large re-read on a busy
+        // server that is still answering.
+        let io_timeout = self.config.io_timeout;
         loop {
             let wait = Instant::now();
-            let Some(found) = reads.next().await else {
-                break;
+            let found = match tokio::time::timeout(io_timeout, reads.next()).await {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(_) => return Err(ListenerError::Timeout(io_timeout)),
             };
             waited += wait.elapsed();
             let found = found?;
@@ -619,12 +626,11 @@ impl Listener {
         chunk: &[(UserId, RowHint)],
     ) -> Result<HashMap<UserId, RoleState>, ListenerError> {
         let ids: Vec<UserId> = chunk.iter().map(|(id, _)| *id).collect();
-        let io_timeout = self.config.io_timeout;
-        let rows = match tokio::time::timeout(io_timeout, client.query(statement, &[&ids])).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => return Err(ListenerError::Reread(e)),
-            Err(_) => return Err(ListenerError::Timeout(io_timeout)),
-        };
+        // No limit of its own: `handle` limits the wait for each result.
+        let rows = client
+            .query(statement, &[&ids])
+            .await
+            .map_err(ListenerError::Reread)?;
         let mut found = HashMap::with_capacity(rows.len());
         for row in rows {
             let user_id: UserId = row.try_get(0).map_err(ListenerError::Reread)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rolecache::cache::{CacheEvent, ResyncReason, Source};
 use rolecache::instance::Instance;
 use rolecache::listener::ListenerState;
-use rolecache::Role;
+use rolecache::{Role, RoleCache};
 use tokio::sync::broadcast::error::TryRecvError;
 
 use crate::harness::{eventually, fast_options, TestDb};
@@ -424,4 +424,66 @@ async fn a_backlog_longer_than_the_ping_timeout_does_not_look_like_a_dead_connec
     assert!(stats.pings.load(Ordering::Relaxed) >= 5);
     assert_eq!(instance.listener.state(), ListenerState::Synced);
     instance.shutdown().await;
+}
+
+/// A re-read of many rows is several queries pipelined on the listener's session, run one
+/// after another by the server. The I/O limit is about progress: each result must come within
+/// it, not all of them. (With the limit on each query from the moment it was sent, a large
+/// change on a busy server timed out the last chunks, and the listener reconnected and flushed
+/// for nothing.)
+#[tokio::test]
+async fn a_large_reread_that_keeps_making_progress_does_not_time_out() {
+    const ROWS: i64 = 12_000; // six chunks of 2,000 ids
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    crate::security::drop_leftover_roles(&admin).await;
+    let bot = format!("{}_bot", db.name());
+    db.sql(&crate::security::least_privilege_sql(&bot, db.name()))
+        .await;
+    // Every query of the bot role on `users` takes 300 ms more: a row-level security policy
+    // whose condition sleeps once per query (the owner, who writes below, is not subject to it).
+    db.sql(&format!(
+        "ALTER TABLE users ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY slow_reads ON users FOR SELECT TO \"{bot}\"
+             USING ((SELECT pg_sleep(0.3)::text) IS NOT NULL)"
+    ))
+    .await;
+    let mut options = fast_options();
+    // Less than the six queries together (1.8 s), well above any one of them.
+    options.listener.io_timeout = Duration::from_millis(1_200);
+    let instance = Instance::start(
+        &crate::security::as_role(&db, &bot),
+        &options,
+        RoleCache::new(options.cache_capacity),
+    )
+    .await
+    .expect("instance starts");
+    assert!(instance.wait_synced(SOON).await);
+    // Row payloads rather than one resync marker.
+    db.sql(&format!(
+        "ALTER DATABASE \"{}\" SET rolecache.bulk_threshold = 1000000",
+        db.name()
+    ))
+    .await;
+    let applied = instance.cache.stats_counters().events_applied;
+    db.sql(&format!(
+        "INSERT INTO users (user_id) SELECT g FROM generate_series(1, {ROWS}) g"
+    ))
+    .await;
+    eventually(SOON * 4, "every insert applied", || async {
+        instance.cache.stats_counters().events_applied >= applied + ROWS as u64
+    })
+    .await;
+    assert_eq!(
+        instance.listener.stats().reconnects.load(Ordering::Relaxed),
+        0,
+        "the listener reconnected"
+    );
+    assert_eq!(instance.cache.stats().resyncs_total(), 0);
+    instance.shutdown().await;
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{bot}\""))
+        .await
+        .unwrap();
 }

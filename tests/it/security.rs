@@ -15,7 +15,7 @@ use crate::harness::{connect, eventually, fast_options, listener_barrier, TestDb
 const LEAST_PRIVILEGE_SQL: &str = include_str!("../../docs/least-privilege.sql");
 
 /// Roles are cluster-wide: drops the ones left behind by test processes that no longer run.
-async fn drop_leftover_roles(admin: &tokio_postgres::Client) {
+pub(crate) async fn drop_leftover_roles(admin: &tokio_postgres::Client) {
     let rows = admin
         .query(
             "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'rolecache\\_t\\_%'",
@@ -35,13 +35,13 @@ async fn drop_leftover_roles(admin: &tokio_postgres::Client) {
 }
 
 /// The SQL file with psql's variables filled in.
-fn least_privilege_sql(role: &str, database: &str) -> String {
+pub(crate) fn least_privilege_sql(role: &str, database: &str) -> String {
     LEAST_PRIVILEGE_SQL
         .replace(":\"bot_role\"", &format!("\"{role}\""))
         .replace(":\"bot_database\"", &format!("\"{database}\""))
 }
 
-fn as_role(db: &TestDb, role: &str) -> tokio_postgres::Config {
+pub(crate) fn as_role(db: &TestDb, role: &str) -> tokio_postgres::Config {
     let mut config = db.config();
     config.user(role);
     config
