@@ -8,7 +8,7 @@
 -- Then give the role a password (`\password bot` in psql) and put it in the bot's DATABASE_URL,
 -- in its environment, never in the repository. Migrations keep running as the owner: the bot
 -- role cannot change the schema, so run `rolecache migrate` as the owner before each upgrade.
--- tests/it/security.rs runs this file and checks what the role can and cannot do.
+-- tests/it/schema/security.rs runs this file and checks what the role can and cannot do.
 
 CREATE ROLE :"bot_role" LOGIN;
 

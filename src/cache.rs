@@ -46,6 +46,8 @@ use rule::{Decision, Writer};
 use stats::Counters;
 use sync::SyncState;
 
+#[cfg(test)]
+mod props;
 pub mod rule;
 mod stats;
 mod sync;

@@ -1,27 +1,13 @@
-//! Integration tests: one binary, one module per area. Every test gets its own database on a
-//! real PostgreSQL (see `harness`).
+//! Integration tests: one binary, one directory per layer. Every test gets its own database on
+//! a real PostgreSQL (see `harness`). The stress tests are a binary of their own
+//! (`tests/stress`), so that nothing here runs alongside them.
 
 mod harness;
+mod harness_tests;
 
 mod bot;
-mod config_cli;
-mod embedded_home;
-mod examples;
-mod faults;
-mod flood;
+mod cli;
+mod deploy;
 mod http;
-mod ops_kit;
-mod pgbouncer;
-mod propagation;
-mod properties;
-mod races;
-mod refill;
-mod resilience;
+mod listener;
 mod schema;
-mod security;
-mod shutdown;
-mod timeouts;
-mod tls;
-mod torture;
-mod watch_cli;
-mod wire;

@@ -48,6 +48,8 @@ pub const ADMIN_MENU: [&str; 10] = [
 pub struct BotProcess {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The task that reads stderr into `log`; it ends at end of file, once the process is gone.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub struct Spawn<'a> {
@@ -124,13 +126,17 @@ impl<'a> Spawn<'a> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 sink.lock().unwrap().push(line);
             }
         });
-        BotProcess { child, log }
+        BotProcess {
+            child,
+            log,
+            reader: Some(reader),
+        }
     }
 }
 
@@ -180,7 +186,9 @@ impl BotProcess {
         self.child.id().expect("running") as i32
     }
 
-    /// Sends `signal` and waits for the exit; panics if it takes longer than `limit`.
+    /// Sends `signal` and waits for the exit; panics if it takes longer than `limit`. Returns
+    /// once the log holds everything the process wrote: the exit does not mean the reader has
+    /// read the last lines yet.
     pub async fn stop_with(
         &mut self,
         signal: libc::c_int,
@@ -188,10 +196,18 @@ impl BotProcess {
     ) -> std::process::ExitStatus {
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(self.pid(), signal) };
-        tokio::time::timeout(limit, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("rolecache run did not exit within {limit:?}"))
-            .expect("wait")
+            .expect("wait");
+        if let Some(reader) = self.reader.take() {
+            // End of file comes with the exit (nothing else holds the pipe open).
+            tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .expect("stderr read to its end after the exit")
+                .expect("stderr reader");
+        }
+        status
     }
 }
 

@@ -12,7 +12,7 @@ use tokio_postgres::NoTls;
 
 use crate::harness::{connect, eventually, fast_options, listener_barrier, TestDb};
 
-const LEAST_PRIVILEGE_SQL: &str = include_str!("../../docs/least-privilege.sql");
+const LEAST_PRIVILEGE_SQL: &str = include_str!("../../../docs/least-privilege.sql");
 
 /// Roles are cluster-wide: drops the ones left behind by test processes that no longer run.
 pub(crate) async fn drop_leftover_roles(admin: &tokio_postgres::Client) {

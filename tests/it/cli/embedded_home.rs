@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use rolecache_testkit::telegram_stub::TelegramStub;
 
+use crate::deploy::tls::bin;
 use crate::harness::init_tracing;
-use crate::tls::bin;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

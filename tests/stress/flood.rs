@@ -49,6 +49,7 @@ async fn queue_usage(client: &tokio_postgres::Client) -> f64 {
 
 #[test]
 fn a_million_notifications_to_a_slow_consumer_stay_bounded_and_converge() {
+    let _alone = crate::alone_blocking();
     if std::env::var_os(CHILD).is_some() {
         return tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

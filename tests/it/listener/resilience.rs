@@ -436,9 +436,9 @@ async fn a_large_reread_that_keeps_making_progress_does_not_time_out() {
     const ROWS: i64 = 12_000; // six chunks of 2,000 ids
     let db = TestDb::new().await;
     let admin = db.admin().await;
-    crate::security::drop_leftover_roles(&admin).await;
+    crate::schema::security::drop_leftover_roles(&admin).await;
     let bot = format!("{}_bot", db.name());
-    db.sql(&crate::security::least_privilege_sql(&bot, db.name()))
+    db.sql(&crate::schema::security::least_privilege_sql(&bot, db.name()))
         .await;
     // Every query of the bot role on `users` takes 300 ms more: a row-level security policy
     // whose condition sleeps once per query (the owner, who writes below, is not subject to it).
@@ -452,7 +452,7 @@ async fn a_large_reread_that_keeps_making_progress_does_not_time_out() {
     // Less than the six queries together (1.8 s), well above any one of them.
     options.listener.io_timeout = Duration::from_millis(1_200);
     let instance = Instance::start(
-        &crate::security::as_role(&db, &bot),
+        &crate::schema::security::as_role(&db, &bot),
         &options,
         RoleCache::new(options.cache_capacity),
     )

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::deploy::tls::bin;
 use crate::harness::TestDb;
-use crate::tls::bin;
 
 struct Run {
     code: Option<i32>,

@@ -579,6 +579,7 @@ fn attribute_disconnects(logs: &[EventLog], kills: &[Kill]) -> Vec<Vec<Option<us
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_edits_under_lookups_and_listener_kills_never_serve_an_older_version() {
+    let _alone = crate::alone().await;
     let db = TestDb::new().await;
     let ledger = Arc::new(Ledger::default());
     let began = Instant::now();

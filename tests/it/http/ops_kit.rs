@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::harness::TestDb;
 
-const DASHBOARD: &str = include_str!("../../docs/ops/grafana-dashboard.json");
-const ALERTS: &str = include_str!("../../docs/ops/alerts.yml");
+const DASHBOARD: &str = include_str!("../../../docs/ops/grafana-dashboard.json");
+const ALERTS: &str = include_str!("../../../docs/ops/alerts.yml");
 
 /// Every `rolecache_*` name in `text`, histogram series mapped to their family.
 fn metric_names(text: &str) -> BTreeSet<String> {
