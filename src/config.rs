@@ -1,10 +1,18 @@
 //! The command line and environment: one typed configuration, validated before anything starts.
 //! A bad value is reported as one line on stderr with exit code 2.
+//!
+//! This module holds only the command line (clap's definitions, the subcommands, the exit-2 path)
+//! and where each setting comes from (an argument, a variable or a `_FILE`). What it builds are
+//! the options of the layers, each defined beside its layer with the rules of its values:
+//! [`InstanceOptions`](crate::instance::InstanceOptions), [`ListenerConfig`], [`Endpoints`] and
+//! [`RunConfig`].
 
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bot::settings::{parse_api_url, parse_token, parse_webhook_secret};
+// `bot::settings` is crate-private: the binary and the bench name what `run` takes through here.
 pub use crate::bot::settings::{RunConfig, UpdateSource, WebhookConfig, WebhookUrl};
 use crate::db::{DbConfig, Endpoints, InvalidUrl, DEFAULT_DATABASE_URL};
 use crate::embedded::{ClusterError, ClusterOptions, PrivateCluster};
@@ -243,7 +251,7 @@ pub struct TelegramOptions {
     /// Webhook mode: the public https:// URL Telegram posts updates to (your load balancer).
     /// Every instance serves the webhook at this URL's path on ROLECACHE_HTTP_ADDR. Unset: long
     /// polling, one instance at a time (elected through a PostgreSQL advisory lock).
-    #[arg(long, env = "WEBHOOK_URL", global = true, value_parser = parse_webhook_url)]
+    #[arg(long, env = "WEBHOOK_URL", global = true, value_parser = WebhookUrl::parse)]
     pub webhook_url: Option<WebhookUrl>,
 
     /// The secret Telegram sends in X-Telegram-Bot-Api-Secret-Token with every webhook request
@@ -309,70 +317,6 @@ impl TelegramOptions {
         })?;
         Ok(WebhookConfig { url, secret })
     }
-}
-
-/// Paths the HTTP server already serves.
-const RESERVED_PATHS: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
-
-/// An absolute https:// URL (Telegram requires https) without a query or fragment, whose path
-/// is not one of the health and metrics endpoints.
-fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
-    let text = text.trim();
-    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
-    if url.scheme() != "https" {
-        return Err(format!(
-            "{text:?} must be an https:// URL (Telegram requires it)"
-        ));
-    }
-    if url.host_str().is_none_or(|h| h.is_empty()) {
-        return Err(format!("{text:?} has no host"));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{text:?} must not have a query or a fragment"));
-    }
-    let path = url.path().to_string();
-    if RESERVED_PATHS.contains(&path.trim_end_matches('/')) {
-        return Err(format!(
-            "{text:?}: the path {path} is taken by the health and metrics endpoints"
-        ));
-    }
-    Ok(WebhookUrl {
-        url: url.to_string(),
-        path,
-    })
-}
-
-/// Telegram's rule for `secret_token`: 1-256 characters, A-Z, a-z, 0-9, `_` and `-`.
-fn parse_webhook_secret(text: &str) -> Result<String, String> {
-    let valid = (1..=256).contains(&text.len())
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !valid {
-        return Err("the webhook secret must be 1-256 characters of A-Z a-z 0-9 _ -".into());
-    }
-    Ok(text.to_string())
-}
-
-fn parse_token(text: &str) -> Result<String, String> {
-    let token = text.trim();
-    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c == '/') {
-        return Err("the bot token must be one word without '/' (like 123456:ABC-DEF)".into());
-    }
-    Ok(token.to_string())
-}
-
-/// An absolute http(s) URL, without the trailing slash (as teloxide's `Bot::from_env` strips it).
-fn parse_api_url(text: &str) -> Result<String, String> {
-    let url = text.trim().trim_end_matches('/');
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
-    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
-        return Err(format!("{url:?} has no host"));
-    }
-    Ok(url.to_string())
 }
 
 /// Tuning of the cache and the listener.
@@ -515,57 +459,6 @@ mod tests {
             "25000m",
         ] {
             assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
-        }
-    }
-
-    #[test]
-    fn api_urls_and_tokens() {
-        assert_eq!(
-            parse_api_url("http://127.0.0.1:8081/"),
-            Ok("http://127.0.0.1:8081".to_string())
-        );
-        assert!(parse_api_url("https://example.com/tba").is_ok());
-        for bad in [
-            "",
-            "127.0.0.1:80",
-            "ftp://x",
-            "http://",
-            "http:///x",
-            "mailto:me",
-        ] {
-            assert!(parse_api_url(bad).is_err(), "accepted {bad:?}");
-        }
-        assert!(parse_token("123:abc").is_ok());
-        for bad in ["", "  ", "a b", "a/b"] {
-            assert!(parse_token(bad).is_err(), "accepted {bad:?}");
-        }
-    }
-
-    #[test]
-    fn webhook_urls_and_secrets() {
-        let hook = parse_webhook_url("https://bot.example.com/tg/hook").unwrap();
-        assert_eq!(hook.path, "/tg/hook");
-        assert_eq!(hook.url, "https://bot.example.com/tg/hook");
-        assert_eq!(
-            parse_webhook_url("https://bot.example.com").unwrap().path,
-            "/"
-        );
-        assert!(parse_webhook_url("https://bot.example.com:8443/x").is_ok());
-        for bad in [
-            "",
-            "bot.example.com/hook",
-            "http://bot.example.com/hook",
-            "https://",
-            "https://bot.example.com/hook?a=1",
-            "https://bot.example.com/metrics",
-            "https://bot.example.com/readyz/",
-        ] {
-            assert!(parse_webhook_url(bad).is_err(), "accepted {bad:?}");
-        }
-        assert!(parse_webhook_secret("s3cr3t_-X").is_ok());
-        assert!(parse_webhook_secret(&"a".repeat(256)).is_ok());
-        for bad in ["", "has space", "semi;colon", "ünï", &"a".repeat(257)] {
-            assert!(parse_webhook_secret(bad).is_err(), "accepted {bad:?}");
         }
     }
 

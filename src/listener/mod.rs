@@ -38,9 +38,20 @@
 //! * It reconnects forever, with capped exponential backoff and jitter.
 //! * Its session turns `idle_session_timeout` off for itself: it is idle between notifications
 //!   by design, and a server-side idle timeout would end it (and flush the cache) every time.
+//!
+//! # Files
+//!
+//! This file holds the listener itself: its configuration, state, statistics and errors, the
+//! handle, the reconnect loop and one session's loop, and the drain → re-read → apply path.
+//! Beside it: `session` (opening a connection that LISTENs, and the task reading its socket),
+//! `ping` (the end-to-end ping), `backoff` (the reconnect delay), [`payload`] (parsing
+//! notifications), [`triggers`] (the trigger check) and [`refill`] (the refill after a flush).
 
+mod backoff;
 pub mod payload;
+mod ping;
 pub mod refill;
+mod session;
 pub mod triggers;
 
 use std::collections::HashMap;
@@ -50,17 +61,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
+use tokio::sync::watch;
+use tokio_postgres::{Client, Statement};
 use tokio_util::sync::DropGuard;
 
 use crate::cache::{ResyncReason, RoleCache, RowHint};
 use crate::db::pg_detail;
 use crate::role::{Role, RoleState, UserId};
-use crate::shutdown::{Scoped, Tasks};
+use crate::shutdown::Tasks;
+pub use backoff::Backoff;
 use payload::{Payload, RowOp};
 use refill::{RefillConfig, Refiller};
+use session::{session_end, Opened, Received, Session};
 use triggers::TriggerCheck;
 
 /// The channel the triggers notify on.
@@ -80,10 +92,6 @@ const MAX_DRAIN: usize = 1024;
 
 /// Most ids in one re-read query.
 const MAX_REREAD_IDS: usize = 2_000;
-
-/// Turns `idle_session_timeout` off for the listener's own session, where the server has it.
-const NO_IDLE_SESSION_TIMEOUT: &str = "SELECT set_config(name, '0', false) FROM pg_settings
-     WHERE name = 'idle_session_timeout'";
 
 /// Tuning of the listener. The defaults suit production; tests shorten them.
 #[derive(Clone, Debug)]
@@ -264,11 +272,7 @@ impl Listener {
             config,
             state,
             stats: Arc::new(ListenerStats::default()),
-            ping_channel: format!(
-                "rolecache_ping_{}_{:016x}",
-                std::process::id(),
-                fastrand::u64(..)
-            ),
+            ping_channel: ping::channel_name(),
             ping_ids: AtomicU64::new(0),
             pool,
             refill: RefillConfig::default(),
@@ -381,43 +385,18 @@ impl Listener {
 
     /// One connection, from connect to its end; returns why it ended.
     async fn session(&mut self, first: bool, backoff: &mut Backoff) -> ListenerError {
-        let io_timeout = self.config.io_timeout;
-        let (client, connection) =
-            match tokio::time::timeout(io_timeout, crate::db::connect_session(&self.pg)).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return ListenerError::Session(e),
-                Err(_) => return ListenerError::Timeout(io_timeout),
-            };
-        let (tx, mut rx) = mpsc::channel(self.config.queue_capacity);
-        let overflow = Arc::new(AtomicU64::new(0));
-        // A nonce per session: a late answer to an earlier session's ping is not an answer.
-        let nonce = fastrand::u64(..);
-        let pong = Arc::new(Pong::new(nonce));
-        // Cancelled when the session ends, whichever way it ends (the handle is dropped).
-        let driver = self.tasks.spawn_scoped(
-            "listener session driver",
-            drive(
-                connection,
-                tx,
-                overflow.clone(),
-                self.ping_channel.clone(),
-                pong.clone(),
-            ),
-        );
-
-        // The session is idle between notifications by design, and its liveness is proven by
-        // the ping: exempt it from a DBA's `idle_session_timeout` (PostgreSQL 14+; the lookup in
-        // pg_settings keeps older servers working), which would otherwise end it, and flush the
-        // cache, every time it elapses.
-        let listen = format!(
-            "{NO_IDLE_SESSION_TIMEOUT}; LISTEN {CHANNEL}; LISTEN {}",
-            self.ping_channel
-        );
-        match tokio::time::timeout(io_timeout, client.batch_execute(&listen)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return ListenerError::Listen(e),
-            Err(_) => return ListenerError::Timeout(io_timeout),
-        }
+        let opened = session::open(&self.pg, &self.config, &self.ping_channel, &self.tasks).await;
+        let Opened {
+            client,
+            queue: mut rx,
+            overflow,
+            pong,
+            nonce,
+            driver,
+        } = match opened {
+            Ok(opened) => opened,
+            Err(e) => return e,
+        };
         self.stats.connected.store(true, Ordering::Release);
         if let Err(e) = crate::db::session::ensure_direct(&client, &self.pg).await {
             return ListenerError::Session(e);
@@ -425,15 +404,7 @@ impl Listener {
         backoff.reset();
         tracing::info!(channel = CHANNEL, "listening for role changes");
 
-        let mut session = Session {
-            fingerprint: None,
-            seen_overflow: 0,
-            ping: Ping::new(nonce),
-            next_trigger_check: Instant::now(),
-            first,
-            resyncs_seen: 0,
-            reread: None,
-        };
+        let mut session = Session::new(first, nonce);
         if let Err(e) = self.check_triggers(&client, &mut session).await {
             return e;
         }
@@ -663,26 +634,16 @@ impl Listener {
         session: &mut Session,
     ) -> Result<(), ListenerError> {
         let now = Instant::now();
-        if let Some(sent) = session.ping.outstanding_since() {
-            if now.duration_since(sent) > self.config.ping_timeout {
-                return Err(ListenerError::PingTimeout(self.config.ping_timeout));
-            }
-        } else if now >= session.ping.next_due {
-            let id = self.ping_ids.fetch_add(1, Ordering::Relaxed) + 1;
-            let payload = session.ping.send(id, now, self.config.ping_interval);
-            // Sent on the listener's own session, not from the pool: a busy pool must not look
-            // like a dead listener. The server delivers a session's own notifications back to
-            // it through the same queue and socket, so the round trip still proves both.
-            let limit = self.config.ping_timeout.min(self.config.io_timeout);
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&self.ping_channel, &payload];
-            let sent = client.execute("SELECT pg_notify($1, $2)", &params);
-            match tokio::time::timeout(limit, sent).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(ListenerError::Ping(e)),
-                Err(_) => return Err(ListenerError::PingTimeout(self.config.ping_timeout)),
-            }
-        }
+        session
+            .ping
+            .keep_alive(
+                client,
+                &self.ping_channel,
+                &self.ping_ids,
+                &self.config,
+                now,
+            )
+            .await?;
         if now >= session.next_trigger_check {
             self.check_triggers(client, session).await?;
         }
@@ -740,19 +701,6 @@ impl Listener {
     }
 }
 
-struct Session {
-    /// Trigger fingerprint of the last good check; `Some(empty)` after a failed one.
-    fingerprint: Option<Vec<i64>>,
-    seen_overflow: u64,
-    ping: Ping,
-    next_trigger_check: Instant,
-    first: bool,
-    /// Rows of `role_resyncs` when the listener last looked.
-    resyncs_seen: i64,
-    /// [`REREAD`], prepared once per session (on first use: the table may not exist yet).
-    reread: Option<Statement>,
-}
-
 /// What one drain of notifications named: rows to re-read, and whether a flush may be due.
 #[derive(Default)]
 struct Hints {
@@ -800,146 +748,6 @@ impl Hints {
     }
 }
 
-struct Ping {
-    nonce: u64,
-    outstanding: Option<(u64, Instant)>,
-    next_due: Instant,
-}
-
-impl Ping {
-    fn new(nonce: u64) -> Self {
-        Ping {
-            nonce,
-            outstanding: None,
-            next_due: Instant::now(),
-        }
-    }
-
-    fn outstanding_since(&self) -> Option<Instant> {
-        self.outstanding.map(|(_, sent)| sent)
-    }
-
-    /// Marks ping `id` as sent; returns its payload.
-    fn send(&mut self, id: u64, now: Instant, interval: Duration) -> String {
-        self.outstanding = Some((id, now));
-        self.next_due = now + interval;
-        pong_payload(self.nonce, id)
-    }
-
-    /// Clears the outstanding ping once the socket reader has seen its answer.
-    fn check_answer(&mut self, pong: &Pong, stats: &ListenerStats) {
-        let (Some((id, sent)), Some((answered, at))) = (self.outstanding, pong.latest()) else {
-            return;
-        };
-        if answered >= id {
-            self.outstanding = None;
-            let rtt = at.saturating_duration_since(sent).as_micros();
-            stats
-                .last_ping_rtt_us
-                .store(rtt.min(u64::MAX as u128) as u64, Ordering::Relaxed);
-            stats.pings.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The newest ping answer the socket reader has seen, and when. Pings bypass the bounded queue:
-/// a slow consumer or an overflow must not make a live connection look dead.
-struct Pong {
-    nonce: u64,
-    latest: std::sync::Mutex<Option<(u64, Instant)>>,
-}
-
-/// The payload of a ping: the session's nonce and the ping's id.
-fn pong_payload(nonce: u64, id: u64) -> String {
-    format!("{nonce:016x}:{id}")
-}
-
-impl Pong {
-    fn new(nonce: u64) -> Self {
-        Pong {
-            nonce,
-            latest: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Records an answer, if it is one to a ping of this session.
-    fn record(&self, payload: &str) {
-        let Some((nonce, id)) = payload.split_once(':') else {
-            return;
-        };
-        if u64::from_str_radix(nonce, 16) != Ok(self.nonce) {
-            return;
-        }
-        if let Ok(id) = id.parse::<u64>() {
-            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            if latest.is_none_or(|(seen, _)| id > seen) {
-                *latest = Some((id, Instant::now()));
-            }
-        }
-    }
-
-    fn latest(&self) -> Option<(u64, Instant)> {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A notification as read off the socket.
-struct Received {
-    notification: Notification,
-    /// The overflow generation when it was read (see [`Listener::note_overflow`]).
-    generation: u64,
-}
-
-/// Reads the connection continuously: ping answers go to `pong`, notifications into the bounded
-/// queue (or are dropped, bumping `overflow`, when it is full); returns when the connection ends.
-async fn drive<S, T>(
-    mut connection: Connection<S, T>,
-    queue: mpsc::Sender<Received>,
-    overflow: Arc<AtomicU64>,
-    ping_channel: String,
-    pong: Arc<Pong>,
-) -> Result<(), tokio_postgres::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    while let Some(message) = messages.next().await {
-        match message? {
-            AsyncMessage::Notification(notification) if notification.channel() == ping_channel => {
-                pong.record(notification.payload());
-            }
-            AsyncMessage::Notification(notification) => {
-                let item = Received {
-                    notification,
-                    generation: overflow.load(Ordering::Acquire),
-                };
-                match queue.try_send(item) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        overflow.fetch_add(1, Ordering::AcqRel);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
-                }
-            }
-            AsyncMessage::Notice(notice) => {
-                tracing::info!(notice = %notice.message(), "server notice on listener session");
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Why the connection driver ended (called once its queue is closed, so it has finished or is
-/// about to).
-async fn session_end(driver: Scoped<Result<(), tokio_postgres::Error>>) -> ListenerError {
-    match driver.await {
-        Some(Ok(())) | None => ListenerError::Closed,
-        Some(Err(e)) => ListenerError::Lost(e),
-    }
-}
-
 /// Time from a trigger's timestamp (µs since the Unix epoch) to `at`; zero if clocks disagree.
 fn lag_between(ts_us: i64, at: SystemTime) -> Duration {
     let at_us = at
@@ -949,74 +757,9 @@ fn lag_between(ts_us: i64, at: SystemTime) -> Duration {
     Duration::from_micros(at_us.saturating_sub(ts_us).max(0) as u64)
 }
 
-/// Capped exponential backoff with jitter: each delay is drawn from [d/2, d] where d doubles
-/// from `initial` up to `max`.
-#[derive(Debug)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            current: initial,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = ceiling / 2;
-        half + Duration::from_nanos(fastrand::u64(..=(ceiling - half).as_nanos() as u64))
-    }
-
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays[1] >= Duration::from_millis(100) && delays[1] <= Duration::from_millis(200));
-        for d in &delays[4..] {
-            assert!(
-                *d >= Duration::from_millis(500) && *d <= Duration::from_secs(1),
-                "{d:?}"
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-
-    #[test]
-    fn a_pong_of_an_earlier_session_does_not_answer_this_sessions_ping() {
-        let stats = ListenerStats::default();
-        let (old_nonce, nonce) = (1, 2);
-        let mut ping = Ping::new(nonce);
-        let pong = Pong::new(nonce);
-        let payload = ping.send(7, Instant::now(), Duration::from_secs(5));
-        // A late answer to the old session's ping 1000, and junk.
-        pong.record(&pong_payload(old_nonce, 1000));
-        pong.record("1000");
-        pong.record("zz:1000");
-        ping.check_answer(&pong, &stats);
-        assert!(ping.outstanding_since().is_some(), "answered by a stranger");
-        pong.record(&payload);
-        ping.check_answer(&pong, &stats);
-        assert!(ping.outstanding_since().is_none());
-        assert_eq!(stats.pings.load(Ordering::Relaxed), 1);
-    }
 
     #[test]
     fn hints_coalesce_per_user_and_remember_a_replaced_row() {
