@@ -4,7 +4,7 @@
 //! Run with `cargo test --features loom --lib cache::sync::loom_tests` (tests/README.md).
 //!
 //! moka cannot run under loom, so [`World`] models one user's entry as moka behaves where it
-//! matters: a write runs its decision under the per-key lock of `and_compute_with`, and the
+//! matters: a write runs its decision under its key's write lock (`RoleCache::write`), and the
 //! flush (`invalidate_all`) does not take that lock, so a write decided before a flush can land
 //! after it (moka lets inserts after `invalidate_all` through). Each method of `World` is the
 //! sequence of `SyncState` calls the `RoleCache` method it names makes.
@@ -33,7 +33,7 @@ const USER: RoleState = RoleState {
 /// One user: the cache's synchronisation state, its entry, and the row in the database.
 struct World {
     sync: SyncState,
-    /// moka's per-key lock (`and_compute_with`): one write decides at a time.
+    /// The key's write lock: one write decides at a time.
     key_lock: Mutex<()>,
     /// The stored entry; a flush clears it without the per-key lock.
     slot: Mutex<Option<Slot>>,
