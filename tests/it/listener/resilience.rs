@@ -438,8 +438,11 @@ async fn a_large_reread_that_keeps_making_progress_does_not_time_out() {
     let admin = db.admin().await;
     crate::schema::security::drop_leftover_roles(&admin).await;
     let bot = format!("{}_bot", db.name());
-    db.sql(&crate::schema::security::least_privilege_sql(&bot, db.name()))
-        .await;
+    db.sql(&crate::schema::security::least_privilege_sql(
+        &bot,
+        db.name(),
+    ))
+    .await;
     // Every query of the bot role on `users` takes 300 ms more: a row-level security policy
     // whose condition sleeps once per query (the owner, who writes below, is not subject to it).
     db.sql(&format!(
