@@ -45,6 +45,9 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 
+#[cfg(test)]
+mod proptest_config;
+
 // The library's API for a bot that embeds the cache (see examples/): start an `Instance`, read
 // roles through its `RoleCache`, follow its events. Everything else is public for the
 // `rolecache` binary and our tests, and documented where it is.

@@ -15,25 +15,7 @@ use proptest::test_runner::TestCaseError;
 use super::{ResyncReason, RoleCache, WriteOutcome};
 use crate::role::{Role, RoleState, RowChange, RowOp};
 
-/// Cases per property: the default unless `PROPTEST_CASES` says otherwise.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(default_cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases: cases(default_cases),
-        // The same cap as the property tests that run on a database, where shrinking is slow; a
-        // failure prints the seed and the case anyway.
-        max_shrink_iters: 256,
-        // Failures print their minimal case; nothing is written into the source tree.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+use crate::proptest_config::config;
 
 fn role() -> impl Strategy<Value = Role> {
     proptest::sample::select(Role::ALL.to_vec())

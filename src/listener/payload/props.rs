@@ -11,25 +11,7 @@ use serde_json::{json, Value};
 use super::{parse, Payload, RowChange, RowOp, MAX_BATCH_CHANGES};
 use crate::role::{Role, RoleState};
 
-/// Cases per property: the default unless `PROPTEST_CASES` says otherwise.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(default_cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases: cases(default_cases),
-        // The same cap as the property tests that run on a database, where shrinking is slow; a
-        // failure prints the seed and the case anyway.
-        max_shrink_iters: 256,
-        // Failures print their minimal case; nothing is written into the source tree.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+use crate::proptest_config::config;
 
 /// What a successful parse must satisfy, whatever the input was.
 fn well_formed(payload: &Payload) -> Result<(), TestCaseError> {
