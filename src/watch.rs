@@ -11,12 +11,15 @@
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::cache::{CacheEvent, ResyncReason, RoleCache};
 use crate::instance::{Instance, InstanceOptions};
+use crate::listener::refill::RefillConfig;
+use crate::shutdown::Tasks;
 
 /// The JSON line for one event.
 pub fn event_json(event: &CacheEvent) -> serde_json::Value {
@@ -41,6 +44,9 @@ pub fn event_json(event: &CacheEvent) -> serde_json::Value {
     }
 }
 
+/// How long the tasks left after the instance's shutdown may take to stop.
+const STOP_LIMIT: Duration = Duration::from_secs(2);
+
 /// Runs until `shutdown` completes or stdout is closed; serves `/metrics`, `/healthz` and
 /// `/readyz` on `http_addr` when given.
 pub async fn run(
@@ -51,9 +57,21 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let cache = RoleCache::new(options.cache_capacity);
     let mut events = cache.subscribe();
-    let instance = Instance::start(pg, options, cache).await?;
+    // One root for the process's tasks: the listener and refill, the HTTP server and its
+    // metrics follower all stop by its cancellation (crate::shutdown).
+    let root = Tasks::new();
+    let instance = Instance::start_in(pg, options, cache, RefillConfig::default(), &root).await?;
     let http = match http_addr {
-        Some(addr) => Some(crate::http::spawn(addr, &instance).await?),
+        Some(addr) => Some(
+            crate::http::spawn_in(
+                addr,
+                &instance,
+                crate::http::Metrics::new(),
+                axum::Router::new(),
+                &root,
+            )
+            .await?,
+        ),
         None => None,
     };
     tokio::pin!(shutdown);
@@ -81,10 +99,15 @@ pub async fn run(
             break;
         }
     }
+    // The HTTP server first, so that no probe sees a stopped listener as a failure; then the
+    // rest of the tree, within a deadline (what is left is named and aborted).
     if let Some(http) = http {
         http.stop().await;
     }
     instance.shutdown().await;
+    if let Err(stuck) = root.shutdown_within(STOP_LIMIT).await {
+        tracing::warn!(tasks = ?stuck, "tasks did not stop in time and were aborted");
+    }
     Ok(())
 }
 
@@ -93,7 +116,6 @@ mod tests {
     use super::*;
     use crate::role::Role;
     use crate::role::RowOp;
-    use std::time::Duration;
 
     #[test]
     fn changed_line_has_the_documented_fields() {
