@@ -192,7 +192,7 @@ impl Metrics {
             stale_rejected: counter(
                 &r,
                 "cache_stale_writes_rejected_total",
-                "Writes refused because the cache held the same or a newer state, or a re-read was applied while they ran",
+                "Loads not stored: the cache already held their state, or another write of the key finished while they ran",
             ),
             resyncs,
             listener_connected: gauge(
