@@ -394,18 +394,21 @@ pub fn parse_or_exit() -> Cli {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            let rendered = e.to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            eprintln!(
-                "rolecache: {} (see rolecache --help)",
-                first.trim_start_matches("error: ")
-            );
+            eprintln!("rolecache: {} (see rolecache --help)", usage_line(&e));
             std::process::exit(EXIT_CONFIG);
         }
     }
+}
+
+/// The one line of a clap usage or value error worth printing: its first, without "error: ".
+pub fn usage_line(e: &clap::Error) -> String {
+    let rendered = e.to_string();
+    rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 /// A setting given either directly or as a file (Docker/Kubernetes secrets); the file's content

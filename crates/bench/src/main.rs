@@ -137,14 +137,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            let rendered = e.to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
             eprintln!(
                 "rolecache-bench: {} (see rolecache-bench --help)",
-                first.trim_start_matches("error: ")
+                rolecache::config::usage_line(&e)
             );
             return ExitCode::from(EXIT_CONFIG);
         }
