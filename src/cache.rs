@@ -94,11 +94,6 @@ pub struct LoadTicket {
 }
 
 impl LoadTicket {
-    /// The epoch the ticket was taken in.
-    pub fn epoch(&self) -> Epoch {
-        self.epoch
-    }
-
     /// The counter a current write of a key in `stripe` finds, or `u64::MAX` (never current)
     /// for a key the ticket was not taken for.
     fn expected(&self, stripe: usize) -> u64 {

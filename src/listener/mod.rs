@@ -551,7 +551,7 @@ impl Listener {
         let started = Instant::now();
         // The chunks' queries are pipelined on the one session: the server runs them in order,
         // each on a snapshot taken when it starts, while the results of earlier ones are applied.
-        let mut reads: futures_util::stream::FuturesOrdered<_> = rows
+        let mut reads: futures_util::stream::FuturesOrdered<_> = ids
             .chunks(MAX_REREAD_IDS)
             .map(|chunk| self.reread(client, &statement, chunk))
             .collect();
@@ -588,15 +588,14 @@ impl Listener {
         Ok(())
     }
 
-    /// The current rows of `chunk`'s users, on the listener's own session (outside any
+    /// The current rows of the users `ids`, on the listener's own session (outside any
     /// transaction: each query sees everything committed before it started).
     async fn reread(
         &self,
         client: &Client,
         statement: &Statement,
-        chunk: &[(UserId, RowHint)],
+        ids: &[UserId],
     ) -> Result<HashMap<UserId, RoleState>, ListenerError> {
-        let ids: Vec<UserId> = chunk.iter().map(|(id, _)| *id).collect();
         // No limit of its own: `handle` limits the wait for each result.
         let rows = client
             .query(statement, &[&ids])
